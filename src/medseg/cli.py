@@ -1,0 +1,73 @@
+"""Hydra entry points (`python src/train.py`, `medseg-train`, ...).
+
+Errors caused by the user's input (MedsegError, or a config that cannot be instantiated)
+are printed as one message and exit with status 1 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import hydra
+import rich
+import rich.markup
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig
+
+from medseg import pipeline
+from medseg.errors import MedsegError
+from medseg.utils.config import register_resolvers
+from medseg.utils.rich_utils import print_config_tree
+
+log = logging.getLogger(__name__)
+
+
+def config_dir() -> str:
+    """configs/ of a source checkout (editable install), else the copy inside the wheel."""
+    packaged = Path(__file__).parent / "configs"
+    source = Path(__file__).resolve().parents[2] / "configs"
+    return str(packaged if packaged.is_dir() else source)
+
+
+def _is_user_error(error: BaseException) -> bool:
+    if isinstance(error, MedsegError):
+        return True
+    # Hydra wraps errors raised while building objects from the config: a bad key
+    # (TypeError on unexpected arguments) or a value our constructors reject.
+    return isinstance(error, InstantiationException) and isinstance(
+        error.__cause__, MedsegError | TypeError | ValueError | None
+    )
+
+
+def run_task(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> float | None:
+    """Print the config, run the task, and return the metric named by ``optimized_metric``."""
+    print_config_tree(cfg)
+    try:
+        metrics = task(cfg)
+    except Exception as error:
+        if not _is_user_error(error) or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        log.error("%s", error)
+        rich.print(f"[bold red]error:[/bold red] {rich.markup.escape(str(error))}")
+        sys.exit(1)
+    name = cfg.get("optimized_metric")
+    if name and name not in metrics:
+        log.warning("optimized_metric %r was not logged (logged: %s)", name, sorted(metrics))
+    return metrics.get(name) if name else None
+
+
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+def train(cfg: DictConfig) -> float | None:
+    return run_task(pipeline.train, cfg)
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
+def evaluate(cfg: DictConfig) -> float | None:
+    return run_task(pipeline.evaluate, cfg)

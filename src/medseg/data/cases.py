@@ -1,0 +1,289 @@
+"""Case discovery in Medical Segmentation Decathlon / nnU-Net raw folders, and validation.
+
+A case is an id, one or more image channels and an optional label map. Discovery reads
+``dataset.json`` when present (MSD's ``training`` list, or nnU-Net v2's ``channel_names``
+and ``file_ending`` with an ``imagesTr``/``labelsTr`` scan) and otherwise scans
+``imagesTr``/``labelsTr`` alone. Validation opens every file before training starts and
+reports every bad case in one error.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from medseg.errors import DataError
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One case: its id, image channel files (or one 4D file) and optional label file."""
+
+    case_id: str
+    images: tuple[Path, ...]
+    label: Path | None = None
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """The cases of a dataset folder with its declared label map and channel names."""
+
+    root: Path
+    cases: tuple[Case, ...]
+    labels: dict[int, str]  # label value -> class name, background included
+    channels: tuple[str, ...]
+
+    def case(self, case_id: str) -> Case:
+        for case in self.cases:
+            if case.case_id == case_id:
+                return case
+        raise KeyError(case_id)
+
+
+class CaseValidationError(DataError):
+    """Raised with one line per bad case, each naming the file and the problem."""
+
+    def __init__(self, root: Path, problems: Sequence[str], num_cases: int):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s) in {num_cases} case(s) of {root}:\n{lines}")
+
+
+def strip_nifti_suffix(name: str) -> str:
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def discover_cases(root: str | Path, labels: Mapping | None = None) -> DatasetInfo:
+    """Find the cases of an MSD-layout folder.
+
+    Args:
+        root: folder with ``imagesTr/`` (and usually ``labelsTr/`` and ``dataset.json``).
+        labels: label value -> name; overrides (or replaces a missing) dataset.json map.
+    """
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise DataError(f"data.root: dataset folder {root} does not exist")
+    meta_path = root / "dataset.json"
+    meta: dict = {}
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise DataError(f"{meta_path}: cannot read dataset.json ({error})") from error
+    label_map = _parse_labels(labels if labels is not None else meta.get("labels"), meta_path)
+    channels = _parse_channels(meta)
+    if isinstance(meta.get("training"), list):
+        cases = _cases_from_training_list(root, meta["training"], meta_path)
+    else:
+        cases = _scan_cases(root, meta.get("file_ending"))
+    if not cases:
+        raise DataError(f"{root}: no cases found (expected images in {root / 'imagesTr'})")
+    if not channels:
+        channels = tuple(f"channel_{i}" for i in range(max(len(c.images) for c in cases)))
+    return DatasetInfo(root, tuple(cases), label_map, channels)
+
+
+def _parse_labels(labels: Mapping | None, meta_path: Path) -> dict[int, str]:
+    """Accept MSD ({"1": "liver"}) and nnU-Net v2 ({"liver": 1}) label maps."""
+    if not labels:
+        raise DataError(
+            f"no label map: {meta_path} is missing or has no 'labels'; "
+            "declare one with data.labels={0: background, 1: ...}"
+        )
+    parsed: dict[int, str] = {}
+    for key, value in labels.items():
+        if _is_int(key):
+            parsed[int(key)] = str(value)
+        elif _is_int(value):
+            parsed[int(value)] = str(key)
+        else:
+            raise DataError(
+                f"{meta_path}: label entry {key!r}: {value!r} is not a 'value: name' pair "
+                "(region-based label lists are not supported)"
+            )
+    if 0 not in parsed:
+        parsed[0] = "background"
+    return dict(sorted(parsed.items()))
+
+
+def _is_int(value: object) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return True
+    return isinstance(value, str) and value.strip().lstrip("-").isdigit()
+
+
+def _parse_channels(meta: dict) -> tuple[str, ...]:
+    names = meta.get("modality") or meta.get("channel_names") or {}
+    return tuple(str(names[k]) for k in sorted(names, key=int)) if names else ()
+
+
+def _cases_from_training_list(root: Path, entries: list, meta_path: Path) -> list[Case]:
+    cases = []
+    for entry in entries:
+        if not isinstance(entry, dict) or "image" not in entry:
+            raise DataError(f"{meta_path}: training entry {entry!r} has no 'image'")
+        listed = (root / entry["image"]).resolve()
+        case_id = strip_nifti_suffix(listed.name)
+        images = (listed,) if listed.exists() else _channel_files(listed.parent, case_id)
+        label = (root / entry["label"]).resolve() if entry.get("label") else None
+        # Keep a missing file in the case: validation reports it with the others.
+        cases.append(Case(case_id, images or (listed,), label))
+    return cases
+
+
+def _channel_files(folder: Path, case_id: str) -> tuple[Path, ...]:
+    """nnU-Net names channels <case>_0000.nii.gz, <case>_0001.nii.gz, ..."""
+    found = []
+    for suffix in NIFTI_SUFFIXES:
+        found += folder.glob(f"{glob_escape(case_id)}_[0-9][0-9][0-9][0-9]{suffix}")
+    return tuple(sorted(found))
+
+
+def glob_escape(text: str) -> str:
+    return re.sub(r"([\[\]*?])", r"[\1]", text)
+
+
+def _scan_cases(root: Path, file_ending: str | None) -> list[Case]:
+    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+    if not images_dir.is_dir():
+        raise DataError(f"{root}: no imagesTr/ folder and no dataset.json training list")
+    endings = (file_ending,) if file_ending else NIFTI_SUFFIXES
+    by_case: dict[str, list[Path]] = {}
+    for path in sorted(images_dir.iterdir()):
+        ending = next((e for e in endings if path.name.endswith(e)), None)
+        if ending is None or path.name.startswith("."):
+            continue
+        stem = path.name[: -len(ending)]
+        match = _CHANNEL_SUFFIX.match(stem)
+        by_case.setdefault(match["case"] if match else stem, []).append(path)
+    cases = []
+    for case_id, images in sorted(by_case.items()):
+        label = next(
+            (
+                labels_dir / f"{case_id}{e}"
+                for e in endings
+                if (labels_dir / f"{case_id}{e}").exists()
+            ),
+            None,
+        )
+        cases.append(Case(case_id, tuple(images), label))
+    return cases
+
+
+def validate_cases(dataset: DatasetInfo, require_labels: bool = True) -> None:
+    """Open every file; check shapes, affines, channels and label values agree.
+
+    Raises:
+        CaseValidationError: listing every problem found, one line each.
+    """
+    problems: list[str] = []
+    num_channels = len(dataset.channels)
+    for case in dataset.cases:
+        problems += _case_problems(case, dataset.labels, num_channels, require_labels)
+    if problems:
+        raise CaseValidationError(dataset.root, problems, len(dataset.cases))
+
+
+def _case_problems(
+    case: Case, labels: dict[int, str], num_channels: int, require_labels: bool
+) -> list[str]:
+    problems: list[str] = []
+    headers = []
+    for path in case.images:
+        header, error = _open(path)
+        if error:
+            problems.append(f"{case.case_id}: {path}: {error}")
+        else:
+            headers.append((path, header))
+    if problems:
+        return problems
+    reference_path, reference = headers[0]
+    spatial = reference.shape[:3]
+    channels = 0
+    for path, image in headers:
+        channels += image.shape[3] if len(image.shape) == 4 else 1
+        if len(image.shape) not in (3, 4):
+            problems.append(
+                f"{case.case_id}: {path}: expected a 3D or 4D image, got shape {image.shape}"
+            )
+        elif image.shape[:3] != spatial:
+            problems.append(
+                f"{case.case_id}: {path}: shape {image.shape[:3]} differs from "
+                f"{reference_path.name} {spatial}"
+            )
+        elif not _affines_match(image.affine, reference.affine):
+            problems.append(f"{case.case_id}: {path}: affine differs from {reference_path.name}")
+    if num_channels and channels != num_channels and not problems:
+        problems.append(
+            f"{case.case_id}: {reference_path}: has {channels} channel(s), the dataset declares "
+            f"{num_channels}"
+        )
+    if case.label is None:
+        if require_labels:
+            problems.append(f"{case.case_id}: no label file found for {reference_path}")
+        return problems
+    label, error = _open(case.label)
+    if error:
+        return [*problems, f"{case.case_id}: {case.label}: {error}"]
+    if label.shape[:3] != spatial or (len(label.shape) == 4 and label.shape[3] != 1):
+        problems.append(
+            f"{case.case_id}: {case.label}: label shape {label.shape} differs from the "
+            f"image shape {spatial} ({reference_path.name})"
+        )
+    elif not _affines_match(label.affine, reference.affine):
+        problems.append(
+            f"{case.case_id}: {case.label}: label affine differs from the image affine "
+            f"({reference_path.name})"
+        )
+    else:
+        problems += _label_value_problems(case, label, labels)
+    return problems
+
+
+def _open(path: Path) -> tuple[nib.spatialimages.SpatialImage | None, str | None]:
+    if not path.exists():
+        return None, "file does not exist"
+    try:
+        return nib.load(path), None
+    except Exception as error:  # nibabel raises many types for unreadable files
+        return None, f"cannot be opened as an image ({type(error).__name__}: {error})"
+
+
+def _label_value_problems(case: Case, label, labels: dict[int, str]) -> list[str]:
+    try:
+        data = np.asanyarray(label.dataobj)
+    except Exception as error:  # truncated gzip streams fail only when the data is read
+        return [
+            f"{case.case_id}: {case.label}: data cannot be read ({type(error).__name__}: {error})"
+        ]
+    values = np.unique(data)
+    if not np.all(np.equal(np.mod(values, 1), 0)):
+        return [f"{case.case_id}: {case.label}: label map has non-integer values"]
+    unknown = sorted(set(values.astype(np.int64).tolist()) - set(labels))
+    if unknown:
+        declared = ", ".join(f"{k}: {v}" for k, v in labels.items())
+        return [
+            f"{case.case_id}: {case.label}: label values {unknown} are not in the declared "
+            f"label map {{{declared}}}"
+        ]
+    return []
+
+
+def _affines_match(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal up to a tolerance relative to the voxel size (as nnU-Net's checks do)."""
+    scale = max(float(np.abs(a[:3, :3]).max()), 1e-6)
+    return bool(np.allclose(a, b, atol=1e-3 * scale, rtol=0))

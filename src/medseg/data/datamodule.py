@@ -1,0 +1,199 @@
+"""LightningDataModule over an MSD-layout folder: discovery, validation, splits, patch queue."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from functools import cached_property
+from pathlib import Path
+
+import lightning as L
+import torchio as tio
+from torch.utils.data import DataLoader
+
+from medseg.data.augment import build_augmentation
+from medseg.data.cases import DatasetInfo, discover_cases, validate_cases
+from medseg.data.phantom import write_phantom_dataset
+from medseg.data.preprocess import build_preprocessing
+from medseg.data.splits import Split, split_cases
+from medseg.data.subjects import case_to_subject, collate_subjects
+from medseg.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SAMPLERS = ("label", "uniform")
+
+
+class SegmentationDataModule(L.LightningDataModule):
+    """Training patches from a TorchIO queue; whole volumes for validation and test.
+
+    Args:
+        root: dataset folder in MSD layout (imagesTr/, labelsTr/, dataset.json).
+        labels: label value -> class name; None reads dataset.json.
+        phantom: parameters of :func:`write_phantom_dataset`; when given, the synthetic
+            phantom is generated at ``root`` (once, cached) before anything else.
+        preprocess: keyword arguments of :func:`build_preprocessing` except ``min_shape``.
+        patch_size: training patch and sliding-window size (x, y, z) in voxels.
+        batch_size: patches per training step.
+        samples_per_volume: patches drawn from a volume each time it is loaded.
+        queue_length: patches held by the queue.
+        num_workers: processes loading and augmenting volumes for the queue.
+        sampler: ``label`` (class-balanced centres) or ``uniform``.
+        label_probabilities: label value -> probability of a patch centre on it (label
+            sampler); None gives every declared label the same chance.
+        augmentation: preset name (see :mod:`medseg.data.augment`).
+        test_fraction, num_folds, fold, split_seed: see :func:`split_cases`.
+        preload: preprocess every case once in setup and keep it in memory; otherwise
+            preprocess each time a volume is read.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        labels: Mapping[int, str] | None = None,
+        phantom: Mapping | None = None,
+        preprocess: Mapping | None = None,
+        patch_size: Sequence[int] = (64, 64, 32),
+        batch_size: int = 2,
+        samples_per_volume: int = 8,
+        queue_length: int = 48,
+        num_workers: int = 1,
+        sampler: str = "label",
+        label_probabilities: Mapping[int, float] | None = None,
+        augmentation: str = "default",
+        test_fraction: float = 0.2,
+        num_folds: int = 5,
+        fold: int = 0,
+        split_seed: int = 0,
+        preload: bool = True,
+    ):
+        super().__init__()
+        self.root = Path(root).expanduser()
+        self.labels = dict(labels) if labels is not None else None
+        self.phantom = dict(phantom) if phantom is not None else None
+        self.preprocess = dict(preprocess or {})
+        self.patch_size = _positive_ints("data.patch_size", patch_size, length=3)
+        for key, value in {
+            "data.batch_size": batch_size,
+            "data.samples_per_volume": samples_per_volume,
+            "data.queue_length": queue_length,
+        }.items():
+            _positive_ints(key, [value])
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ConfigError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
+        if sampler not in SAMPLERS:
+            raise ConfigError(f"data.sampler must be one of {list(SAMPLERS)}, got {sampler!r}")
+        self.batch_size = batch_size
+        self.samples_per_volume = samples_per_volume
+        self.queue_length = queue_length
+        self.num_workers = num_workers
+        self.sampler = sampler
+        self.label_probabilities = (
+            {int(k): float(v) for k, v in label_probabilities.items()}
+            if label_probabilities is not None
+            else None
+        )
+        self.augmentation = build_augmentation(augmentation)
+        self.split_args = dict(
+            test_fraction=test_fraction, num_folds=num_folds, fold=fold, seed=split_seed
+        )
+        self.preload = preload
+        self.preprocessing = build_preprocessing(**self.preprocess, min_shape=self.patch_size)
+        self.subjects: dict[str, list[tio.Subject]] = {}
+
+    def prepare_data(self) -> None:
+        if self.phantom is not None:
+            write_phantom_dataset(self.root, **self.phantom)
+
+    @cached_property
+    def dataset(self) -> DatasetInfo:
+        """The discovered cases (generates the phantom first when configured)."""
+        self.prepare_data()
+        return discover_cases(self.root, self.labels)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.dataset.labels.values())
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.dataset.channels)
+
+    @cached_property
+    def split(self) -> Split:
+        return split_cases([c.case_id for c in self.dataset.cases], **self.split_args)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.subjects:
+            return
+        validate_cases(self.dataset)
+        split = self.split
+        log.info(
+            "%s: %d train, %d val, %d test cases",
+            self.dataset.root,
+            len(split.train),
+            len(split.val),
+            len(split.test),
+        )
+        for name, ids in (("train", split.train), ("val", split.val), ("test", split.test)):
+            subjects = [case_to_subject(self.dataset.case(i)) for i in ids]
+            if self.preload:
+                subjects = [self.preprocessing(s) for s in subjects]
+            self.subjects[name] = subjects
+
+    def _dataset(self, name: str, augment: bool) -> tio.SubjectsDataset:
+        transforms = [] if self.preload else [self.preprocessing]
+        if augment and self.augmentation is not None:
+            transforms.append(self.augmentation)
+        return tio.SubjectsDataset(
+            self.subjects[name], transform=tio.Compose(transforms) if transforms else None
+        )
+
+    def _patch_sampler(self) -> tio.data.PatchSampler:
+        if self.sampler == "uniform":
+            return tio.UniformSampler(self.patch_size)
+        probabilities = self.label_probabilities or {v: 1.0 for v in self.dataset.labels}
+        unknown = sorted(set(probabilities) - set(self.dataset.labels))
+        if unknown:
+            raise ConfigError(
+                f"data.label_probabilities names label values {unknown} that the dataset "
+                f"does not declare (declared: {sorted(self.dataset.labels)})"
+            )
+        return tio.LabelSampler(self.patch_size, "label", probabilities)
+
+    def train_dataloader(self) -> DataLoader:
+        queue = tio.Queue(
+            self._dataset("train", augment=True),
+            max_length=self.queue_length,
+            samples_per_volume=self.samples_per_volume,
+            sampler=self._patch_sampler(),
+            num_workers=self.num_workers,
+            shuffle_subjects=True,
+            shuffle_patches=True,
+        )
+        # The queue's own workers load volumes; patches come out of it in this process.
+        return DataLoader(queue, batch_size=self.batch_size, collate_fn=collate_subjects)
+
+    def _volume_loader(self, name: str) -> DataLoader:
+        return DataLoader(
+            self._dataset(name, augment=False),
+            batch_size=1,
+            num_workers=0 if self.preload else self.num_workers,
+            collate_fn=collate_subjects,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._volume_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._volume_loader("test")
+
+
+def _positive_ints(key: str, values: Sequence[int], length: int | None = None) -> tuple[int, ...]:
+    values = tuple(values)
+    if (length is not None and len(values) != length) or any(
+        isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values
+    ):
+        size = f"{length} " if length else ""
+        raise ConfigError(f"{key} must be {size}positive integer(s), got {list(values)}")
+    return values

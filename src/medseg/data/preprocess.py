@@ -1,0 +1,94 @@
+"""Deterministic preprocessing: canonical orientation, resampling, intensity normalization."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torchio as tio
+
+from medseg.errors import ConfigError, DataError
+
+INTENSITY_MODES = ("ct_window", "zscore", "none")
+
+
+class ChannelwiseZNormalization(tio.IntensityTransform):
+    """Z-score each channel on its own (TorchIO's ZNormalization pools all channels).
+
+    With ``nonzero=True`` the statistics come from non-zero voxels only and zero voxels
+    stay zero, as nnU-Net does for skull-stripped MRI.
+    """
+
+    def __init__(self, nonzero: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.nonzero = nonzero
+        self.args_names = ["nonzero"]
+
+    def apply_transform(self, subject: tio.Subject) -> tio.Subject:
+        for image in self.get_images(subject):
+            data = image.data.float()
+            mask = data != 0 if self.nonzero else torch.ones_like(data, dtype=torch.bool)
+            axes = tuple(range(1, data.ndim))
+            count = mask.sum(axes, keepdim=True).clamp_min(1)
+            mean = (data * mask).sum(axes, keepdim=True) / count
+            var = (((data - mean) * mask) ** 2).sum(axes, keepdim=True) / count
+            std = var.sqrt()
+            if bool((std == 0).any()):
+                raise DataError(
+                    f"{image.path}: an image channel is constant, it cannot be z-scored"
+                )
+            normalized = (data - mean) / std
+            image.set_data(torch.where(mask, normalized, 0) if self.nonzero else normalized)
+        return subject
+
+
+def intensity_transforms(mode: str = "zscore", **options) -> list[tio.Transform]:
+    """CT: clip to a HU window and rescale it to [-1, 1]. MRI: per-channel z-score."""
+    if mode == "ct_window":
+        window = options.get("window")
+        if not isinstance(window, Sequence) or len(window) != 2 or window[0] >= window[1]:
+            raise ConfigError(
+                f"data.preprocess.intensity.window must be [low, high] in HU, got {window!r}"
+            )
+        low, high = float(window[0]), float(window[1])
+        return [
+            tio.Clamp(low, high),
+            tio.RescaleIntensity(out_min_max=(-1, 1), in_min_max=(low, high)),
+        ]
+    if mode == "zscore":
+        return [ChannelwiseZNormalization(nonzero=bool(options.get("nonzero", False)))]
+    if mode == "none":
+        return []
+    raise ConfigError(
+        f"data.preprocess.intensity.mode must be one of {list(INTENSITY_MODES)}, got {mode!r}"
+    )
+
+
+def build_preprocessing(
+    canonical: bool = True,
+    spacing: Sequence[float] | None = None,
+    intensity: Mapping | None = None,
+    min_shape: Sequence[int] | None = None,
+) -> tio.Compose:
+    """The deterministic part of the data pipeline, applied once per case.
+
+    Args:
+        canonical: reorient to RAS+ so axes mean the same thing for every case.
+        spacing: target voxel spacing in mm (x, y, z); None keeps each case's own.
+        intensity: ``{mode: ct_window, window: [lo, hi]}``, ``{mode: zscore, nonzero: bool}``
+            or ``{mode: none}``.
+        min_shape: pad (never crop) to at least this shape, e.g. the patch size.
+    """
+    transforms: list[tio.Transform] = []
+    if canonical:
+        transforms.append(tio.ToCanonical())
+    if spacing is not None:
+        if len(spacing) != 3 or any(float(s) <= 0 for s in spacing):
+            raise ConfigError(
+                f"data.preprocess.spacing must be 3 positive numbers (mm), got {spacing!r}"
+            )
+        transforms.append(tio.Resample(tuple(float(s) for s in spacing), antialias=True))
+    transforms += intensity_transforms(**dict(intensity or {"mode": "none"}))
+    if min_shape is not None:
+        transforms.append(tio.CropOrPad(tuple(min_shape), only_pad=True, padding_mode="minimum"))
+    return tio.Compose(transforms)

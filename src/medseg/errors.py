@@ -1,0 +1,13 @@
+"""User-facing errors: the entry points print these as one clear message, without a traceback."""
+
+
+class MedsegError(Exception):
+    """Base class of errors caused by the user's input (config values, data files)."""
+
+
+class ConfigError(MedsegError, ValueError):
+    """A config value that cannot work, named by its config key."""
+
+
+class DataError(MedsegError):
+    """A data file or dataset layout that cannot be used, named by its path."""

@@ -1,0 +1,48 @@
+"""Rich console output: the composed config as a tree, metric tables."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import rich
+import rich.syntax
+import rich.table
+import rich.tree
+from omegaconf import DictConfig, OmegaConf
+
+# Print these groups first, in this order; the rest follow alphabetically.
+CONFIG_ORDER = ("data", "model", "stage", "loss", "trainer", "callbacks", "logger", "paths")
+
+
+def print_config_tree(cfg: DictConfig, resolve: bool = True) -> None:
+    """Print the composed config as a tree with one branch per top-level key."""
+    tree = rich.tree.Tree("CONFIG", style="dim", guide_style="dim")
+    keys = [k for k in CONFIG_ORDER if k in cfg] + sorted(k for k in cfg if k not in CONFIG_ORDER)
+    for key in keys:
+        branch = tree.add(key, style="bold yellow", guide_style="dim")
+        value = cfg[key]
+        text = (
+            OmegaConf.to_yaml(value, resolve=resolve)
+            if isinstance(value, DictConfig)
+            else str(value)
+        )
+        branch.add(rich.syntax.Syntax(text, "yaml", theme="ansi_dark", background_color="default"))
+    rich.print(tree)
+
+
+def _format(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.4f}"
+
+
+def print_metric_table(
+    title: str, summary: Mapping[str, Mapping[str, float]], columns: Sequence[str]
+) -> None:
+    """One row per class with the summary statistics named by `columns`."""
+    table = rich.table.Table(title=title, header_style="bold")
+    table.add_column("class")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for name, stats in summary.items():
+        table.add_row(name, *(_format(stats[c]) for c in columns))
+    rich.print(table)
