@@ -60,7 +60,15 @@ def run_task(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) ->
     return metrics.get(name) if name else None
 
 
+class _DropLightningTips(logging.Filter):
+    """Lightning advertises its cloud products at every run; keep the console for results."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip: For seamless" not in str(record.msg)
+
+
 register_resolvers()
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropLightningTips())
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")

@@ -33,7 +33,7 @@ def case_metrics(
         include_background=False,
         average="none",
         input_format="index",
-    )[0]
+    ).reshape(-1)  # [1, K-1], or 0-d with one foreground class
     voxel_ml = float(torch.tensor(list(spacing), dtype=torch.float64).prod()) / 1000
     predicted_counts = torch.bincount(prediction.flatten().long(), minlength=num_classes)
     reference_counts = torch.bincount(reference.flatten().long(), minlength=num_classes)

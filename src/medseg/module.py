@@ -59,6 +59,8 @@ class SegmentationModule(L.LightningModule):
         self.net = ResidualSEUNet(in_channels, len(self.class_names), **network)
         self.loss = instantiate(loss)
         self.inference = {"overlap": 0.5, "batch_size": 4, "gaussian": True, **(inference or {})}
+        if "window" in self.inference:
+            self.net.check_input_size(self.inference["window"])
         lut = torch.zeros(max(dataset_labels) + 1, dtype=torch.long)
         for index, values in enumerate(classes.values(), start=1):
             lut[list(values)] = index
@@ -120,7 +122,7 @@ class SegmentationModule(L.LightningModule):
         self.test_rows.append(row)
 
     def _log_dice(self, metric: DiceScore, prefix: str) -> None:
-        scores = metric.compute()
+        scores = metric.compute().reshape(-1)  # a 0-d tensor when there is one class
         for name, score in zip(self.class_names[1:], scores, strict=True):
             self.log(f"{prefix}/dice_{name}", score)
         self.log(f"{prefix}/dice_mean", scores.nanmean(), prog_bar=True)

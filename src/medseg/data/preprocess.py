@@ -9,7 +9,7 @@ import torchio as tio
 
 from medseg.errors import ConfigError, DataError
 
-INTENSITY_MODES = ("ct_window", "zscore", "none")
+INTENSITY_MODES = ("ct_window", "zscore", "zscore_nonzero", "none")
 
 
 class ChannelwiseZNormalization(tio.IntensityTransform):
@@ -42,26 +42,31 @@ class ChannelwiseZNormalization(tio.IntensityTransform):
         return subject
 
 
-def intensity_transforms(mode: str = "zscore", **options) -> list[tio.Transform]:
-    """CT: clip to a HU window and rescale it to [-1, 1]. MRI: per-channel z-score."""
-    if mode == "ct_window":
-        window = options.get("window")
-        if not isinstance(window, Sequence) or len(window) != 2 or window[0] >= window[1]:
-            raise ConfigError(
-                f"data.preprocess.intensity.window must be [low, high] in HU, got {window!r}"
-            )
-        low, high = float(window[0]), float(window[1])
-        return [
-            tio.Clamp(low, high),
-            tio.RescaleIntensity(out_min_max=(-1, 1), in_min_max=(low, high)),
-        ]
-    if mode == "zscore":
-        return [ChannelwiseZNormalization(nonzero=bool(options.get("nonzero", False)))]
-    if mode == "none":
-        return []
-    raise ConfigError(
-        f"data.preprocess.intensity.mode must be one of {list(INTENSITY_MODES)}, got {mode!r}"
-    )
+def intensity_transforms(mode: str = "zscore", window: Sequence[float] | None = None):
+    """Intensity normalization by mode.
+
+    ``ct_window``: clip to a HU ``window`` and rescale it to [-1, 1]; ``zscore``: per-channel
+    z-score; ``zscore_nonzero``: z-score over non-zero voxels (skull-stripped MRI); ``none``.
+    """
+    if mode not in INTENSITY_MODES:
+        raise ConfigError(
+            f"data.preprocess.intensity.mode must be one of {list(INTENSITY_MODES)}, got {mode!r}"
+        )
+    if mode != "ct_window":
+        if window is not None:
+            raise ConfigError("data.preprocess.intensity.window is only used by mode ct_window")
+        if mode == "none":
+            return []
+        return [ChannelwiseZNormalization(nonzero=mode == "zscore_nonzero")]
+    if not isinstance(window, Sequence) or len(window) != 2 or window[0] >= window[1]:
+        raise ConfigError(
+            f"data.preprocess.intensity.window must be [low, high] in HU, got {window!r}"
+        )
+    low, high = float(window[0]), float(window[1])
+    return [
+        tio.Clamp(low, high),
+        tio.RescaleIntensity(out_min_max=(-1, 1), in_min_max=(low, high)),
+    ]
 
 
 def build_preprocessing(
@@ -75,8 +80,7 @@ def build_preprocessing(
     Args:
         canonical: reorient to RAS+ so axes mean the same thing for every case.
         spacing: target voxel spacing in mm (x, y, z); None keeps each case's own.
-        intensity: ``{mode: ct_window, window: [lo, hi]}``, ``{mode: zscore, nonzero: bool}``
-            or ``{mode: none}``.
+        intensity: keyword arguments of :func:`intensity_transforms`.
         min_shape: pad (never crop) to at least this shape, e.g. the patch size.
     """
     transforms: list[tio.Transform] = []

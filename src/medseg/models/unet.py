@@ -133,13 +133,23 @@ class ResidualSEUNet(nn.Module):
                 outputs.append(head(x))
         return outputs[::-1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        size = tuple(x.shape[2:])
-        if any(s % t for s, t in zip(size, self.total_stride, strict=True)):
+    def check_input_size(self, size: Sequence[int]) -> None:
+        """Raise a ConfigError unless `size` suits the network (before any compute is spent)."""
+        size = tuple(int(s) for s in size)
+        stride = self.total_stride
+        if len(size) != self.dims or any(s % t for s, t in zip(size, stride, strict=True)):
             raise ConfigError(
-                f"input size {size} is not a multiple of the network's total stride "
-                f"{self.total_stride}: choose a patch size divisible by it"
+                f"input size {size} is not a multiple of the network's total stride {stride}: "
+                "choose a patch size divisible by it"
             )
+        if all(s == t for s, t in zip(size, stride, strict=True)):
+            raise ConfigError(
+                f"input size {size} leaves a 1-voxel bottleneck (total stride {stride}), which "
+                "instance norm cannot normalize: use a larger patch or fewer stages"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        self.check_input_size(x.shape[2:])
         all_levels = self.deep_supervision and self.training
         outputs = self.decode(self.encode(x), all_levels)
         return outputs if all_levels else outputs[0]

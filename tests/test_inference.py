@@ -1,0 +1,52 @@
+import itertools
+
+import pytest
+import torch
+
+from medseg.inference import gaussian_importance, sliding_window_inference, window_starts
+from medseg.models.unet import ResidualSEUNet
+
+
+def test_window_covering_the_volume_equals_the_network_output():
+    torch.manual_seed(0)
+    net = ResidualSEUNet(1, 3, width=4, num_stages=3, blocks_per_stage=1).eval()
+    image = torch.randn(1, 1, 16, 16, 8)
+    with torch.no_grad():
+        expected = net(image)
+        actual = sliding_window_inference(image, net, window=(16, 16, 8), overlap=0.5)
+    torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5, 0.75])
+def test_pointwise_predictor_is_reproduced_exactly(overlap):
+    """A voxel-wise predictor gives the same value in every window: blending must not alter it."""
+    conv = torch.nn.Conv3d(2, 3, 1)
+    image = torch.randn(1, 2, 21, 17, 9)
+    with torch.no_grad():
+        expected = conv(image)
+        actual = sliding_window_inference(
+            image, conv, window=(8, 8, 4), overlap=overlap, batch_size=3
+        )
+    torch.testing.assert_close(actual, expected)
+
+
+def test_volume_smaller_than_the_window_is_padded_and_cropped_back():
+    conv = torch.nn.Conv3d(1, 2, 1)
+    image = torch.randn(1, 1, 5, 12, 3)
+    with torch.no_grad():
+        out = sliding_window_inference(image, conv, window=(8, 8, 8))
+        torch.testing.assert_close(out, conv(image))
+
+
+def test_window_starts_cover_the_axis_with_the_requested_overlap():
+    starts = window_starts(100, 32, 0.5)
+    assert starts[0] == 0 and starts[-1] == 100 - 32
+    assert all(b - a <= 16 for a, b in itertools.pairwise(starts))
+    assert window_starts(20, 32, 0.5) == [0]
+
+
+def test_gaussian_importance_peaks_in_the_centre_and_is_positive():
+    weights = gaussian_importance((9, 9, 5))
+    assert weights.max() == 1 and weights[4, 4, 2] == 1
+    assert weights.min() > 0
+    assert weights[0, 0, 0] < weights[2, 2, 1] < weights[4, 4, 2]
