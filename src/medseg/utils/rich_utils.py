@@ -32,6 +32,8 @@ def print_config_tree(cfg: DictConfig, resolve: bool = True) -> None:
 
 
 def _format(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
     return "-" if math.isnan(value) else f"{value:.4f}"
 
 
