@@ -1,28 +1,42 @@
-"""The LightningModule: network, loss, sliding-window validation, metrics and optimizers."""
+"""The LightningModule: one network per cascade stage, stage schedule, losses, sliding-window
+validation, metrics and per-stage optimizers.
+
+A plain multi-class model is a cascade of one stage. Optimization is manual because every
+stage has its own optimizer and scheduler (Lightning's automatic optimization steps all
+optimizers of a module together).
+"""
 
 from __future__ import annotations
 
+import inspect
+import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import lightning as L
 import torch
 import torch.distributed as dist
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 from torchmetrics.segmentation import DiceScore
 
-from medseg.errors import ConfigError
+from medseg.errors import ConfigError, DataError
 from medseg.inference import sliding_window_inference
 from medseg.losses import deep_supervision_loss
 from medseg.metrics import case_metrics
+from medseg.models.cascade import CascadePrediction, predict_cascade
 from medseg.models.unet import ResidualSEUNet
+from medseg.stages import Cascade, Finetune, StageSpec, build_cascade, parse_stage
+
+log = logging.getLogger(__name__)
 
 # Keys of the `model` config that configure training rather than the network.
-TRAINING_KEYS = ("optimizer", "scheduler", "inference")
+TRAINING_KEYS = ("optimizer", "scheduler", "inference", "gradient_clip")
 
 
 class SegmentationModule(L.LightningModule):
-    """Trains a ResidualSEUNet on patches and validates it on whole volumes.
+    """Trains the stages of a cascade on patches and validates the composed result on volumes.
 
     Every argument is a plain value or container, saved as hyperparameters, so a checkpoint
     rebuilds the module with ``SegmentationModule.load_from_checkpoint(path)`` alone.
@@ -30,143 +44,310 @@ class SegmentationModule(L.LightningModule):
     Args:
         network: keyword arguments of :class:`ResidualSEUNet` except the channel counts.
         in_channels: image channels.
-        classes: output class name -> source label values it covers, in output order
-            (background, output 0, is every value not listed).
-        dataset_labels: the source dataset's label map (value -> name), kept for reports.
-        loss: config of the loss (with ``_target_``).
-        optimizer: partial config of the optimizer (``_partial_: true``).
-        scheduler: partial config of the learning-rate scheduler, stepped every epoch.
+        stages: the cascade's stages (see :class:`medseg.stages.StageSpec`), as dicts.
+        dataset_labels: the source dataset's label map (value -> name).
+        loss: config of the loss (with ``_target_``), applied to every stage.
+        optimizer: partial config of the optimizer (``_partial_: true``); one per stage,
+            with the stage's ``optim.optimizer`` overrides.
+        scheduler: partial config of the learning-rate scheduler, stepped once per epoch in
+            which its stage trains (with the stage's ``optim.scheduler`` overrides).
         inference: sliding-window settings: ``window``, ``overlap``, ``batch_size``,
             ``gaussian``.
         preprocess: the data preprocessing the network was trained with.
+        freeze_earlier: freeze a stage's predecessors when it starts training.
+        finetune: ``{ckpt_path, stages, unfreeze_every}`` (see :class:`Finetune`).
+        gradient_clip: maximum gradient norm per stage (None: no clipping).
     """
 
     def __init__(
         self,
         network: dict,
         in_channels: int,
-        classes: dict[str, list[int]],
+        stages: list[dict],
         dataset_labels: dict[int, str],
         loss: dict,
         optimizer: dict,
         scheduler: dict | None = None,
         inference: dict | None = None,
         preprocess: dict | None = None,
+        freeze_earlier: bool = True,
+        finetune: dict | None = None,
+        gradient_clip: float | None = 12.0,
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.class_names = ["background", *classes]
-        self.net = ResidualSEUNet(in_channels, len(self.class_names), **network)
+        self.automatic_optimization = False
+        finetune = dict(finetune or {})
+        self.cascade = Cascade(
+            [parse_stage(s, i, dataset_labels) for i, s in enumerate(stages)],
+            dataset_labels,
+            freeze_earlier=freeze_earlier,
+            finetune=Finetune(
+                finetune.get("ckpt_path"),
+                None if finetune.get("stages") is None else tuple(finetune["stages"]),
+                finetune.get("unfreeze_every"),
+            ),
+        )
+        self.class_names = self.cascade.class_names
+        self.nets = nn.ModuleDict(
+            {
+                s.name: ResidualSEUNet(
+                    in_channels + len(s.input_masks), s.num_outputs, **{**network, **s.network}
+                )
+                for s in self.cascade.stages
+            }
+        )
         self.loss = instantiate(loss)
         self.inference = {"overlap": 0.5, "batch_size": 4, "gaussian": True, **(inference or {})}
         if "window" in self.inference:
-            self.net.check_input_size(self.inference["window"])
-        lut = torch.zeros(max(dataset_labels) + 1, dtype=torch.long)
-        for index, values in enumerate(classes.values(), start=1):
-            lut[list(values)] = index
-        self.register_buffer("label_lut", lut, persistent=False)
-        self.val_dice = self._dice_metric()
-        self.test_dice = self._dice_metric()
+            for net in self.nets.values():
+                net.check_input_size(self.inference["window"])
+        self.register_buffer("composed_lut", _lookup(self.cascade.composed_values()), False)
+        for stage in self.cascade.stages:
+            lut = _lookup(self.cascade.stage_values(stage))
+            self.register_buffer(f"lut_{stage.name}", lut, persistent=False)
+        self.multi_stage = len(self.cascade.stages) > 1
+        self.metrics = nn.ModuleDict(
+            {split: self._dice_metrics() for split in ("val_metrics", "test_metrics")}
+        )
         self.test_rows: list[dict] = []
 
-    def _dice_metric(self) -> DiceScore:
-        return DiceScore(
-            num_classes=len(self.class_names),
-            include_background=False,
-            average="none",
-            input_format="index",
-        )
+    # -- building blocks -------------------------------------------------------------------
+
+    def _dice_metrics(self) -> nn.ModuleDict:
+        """Dice of the composed result, plus each stage's own when there are several."""
+        metrics = {"composed": _dice(len(self.class_names))}
+        if self.multi_stage:
+            metrics |= {s.name: _dice(s.num_outputs) for s in self.cascade.stages}
+        return nn.ModuleDict(metrics)
+
+    def stage_target(self, stage: StageSpec, label: torch.Tensor) -> torch.Tensor:
+        """Source label values -> this stage's output indices."""
+        return getattr(self, f"lut_{stage.name}")[label]
+
+    def composed_target(self, label: torch.Tensor) -> torch.Tensor:
+        """Source label values -> composed class indices."""
+        return self.composed_lut[label]
+
+    @staticmethod
+    def stage_input(stage: StageSpec, image: torch.Tensor, priors: Mapping | None) -> torch.Tensor:
+        """The image, plus the earlier stages' masks this stage sees, as channels."""
+        if not stage.input_masks:
+            return image
+        if not priors or any(m not in priors for m in stage.input_masks):
+            raise RuntimeError(
+                f"stage {stage.name!r} needs the masks of {list(stage.input_masks)} in the batch "
+                "(build the datamodule with cascade=...)"
+            )
+        return torch.cat([image, *(priors[m] for m in stage.input_masks)], dim=1)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        return self.net(image)
+        """The first stage's network output (the whole model for a single stage)."""
+        return self.nets[self.cascade.stages[0].name](image)
 
-    def target(self, label: torch.Tensor) -> torch.Tensor:
-        """Source label values -> output class indices."""
-        return self.label_lut[label]
+    def predict_volume(
+        self, image: torch.Tensor, spacing: Sequence[float] | None = None
+    ) -> CascadePrediction:
+        """Composed prediction for one preprocessed volume [1, C, *spatial].
 
-    def predict_volume(self, image: torch.Tensor) -> torch.Tensor:
-        """Sliding-window logits [1, K, *spatial] for one whole volume."""
-        return sliding_window_inference(
-            image,
-            self.net,
-            window=self.inference["window"],
-            overlap=self.inference["overlap"],
-            batch_size=self.inference["batch_size"],
-            gaussian=self.inference["gaussian"],
-        )
+        Every stage predicts by Gaussian sliding window inside its region; `spacing` (mm)
+        turns region margins into voxels (default 1 mm).
+        """
+        spacing = [float(s) for s in spacing] if spacing is not None else [1.0] * (image.ndim - 2)
+
+        def stage_probabilities(stage: StageSpec, inputs: torch.Tensor) -> torch.Tensor:
+            logits = sliding_window_inference(
+                inputs,
+                self.nets[stage.name],
+                window=self.inference["window"],
+                overlap=self.inference["overlap"],
+                batch_size=self.inference["batch_size"],
+                gaussian=self.inference["gaussian"],
+            )
+            return torch.softmax(logits, dim=1)
+
+        return predict_cascade(image, spacing, self.cascade, stage_probabilities)
+
+    # -- training --------------------------------------------------------------------------
+
+    def trainable_stages(self) -> list[str]:
+        return self.cascade.trainable(self.current_epoch)
+
+    def on_train_epoch_start(self) -> None:
+        trainable = set(self.trainable_stages())
+        for name, net in self.nets.items():
+            net.requires_grad_(name in trainable)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        target = self.target(batch["label"])
-        outputs = self.net(batch["image"])
-        if isinstance(outputs, list):
-            loss = deep_supervision_loss(self.loss, outputs, target)
-        else:
-            loss = self.loss(outputs, target)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(target))
-        return loss
+        trainable = self.trainable_stages()
+        optimizers = _as_list(self.optimizers())
+        total = torch.zeros((), device=batch["image"].device)
+        for name in trainable:
+            stage = self.cascade.stage(name)
+            target = self.stage_target(stage, batch["label"])
+            outputs = self.nets[name](self.stage_input(stage, batch["image"], batch.get("priors")))
+            if isinstance(outputs, list):
+                loss = deep_supervision_loss(self.loss, outputs, target)
+            else:
+                loss = self.loss(outputs, target)
+            if self.multi_stage:
+                self.log(f"train/{name}/loss", loss, batch_size=len(target))
+            total = total + stage.loss_weight * loss
+        self.log("train/loss", total, prog_bar=True, batch_size=len(batch["image"]))
+        stepped = [optimizers[self.cascade.names.index(n)] for n in trainable]
+        for optimizer in stepped:
+            optimizer.zero_grad()
+        self.manual_backward(total)
+        for optimizer in stepped:
+            if self.hparams.gradient_clip:
+                self.clip_gradients(optimizer, self.hparams.gradient_clip, "norm")
+            optimizer.step()
+        return total
 
-    def _evaluate_volume(self, batch: dict, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
-        target = self.target(batch["label"])
-        logits = self.predict_volume(batch["image"])
-        self.log(f"{prefix}/loss", self.loss(logits, target), batch_size=1, sync_dist=True)
-        return logits.argmax(1), target[:, 0]
+    def on_train_epoch_end(self) -> None:
+        schedulers = _as_list(self.lr_schedulers())
+        if not schedulers:
+            return
+        for name in self.trainable_stages():
+            schedulers[self.cascade.names.index(name)].step()
+
+    def configure_optimizers(self):
+        optimizers, schedulers = [], []
+        for stage in self.cascade.stages:
+            overrides = stage.optim
+            optimizer = instantiate(_merge(self.hparams.optimizer, overrides.get("optimizer")))(
+                params=self.nets[stage.name].parameters()
+            )
+            optimizers.append(optimizer)
+            scheduler_cfg = _merge(self.hparams.scheduler, overrides.get("scheduler"))
+            if scheduler_cfg:
+                factory = instantiate(scheduler_cfg)
+                kwargs = {"optimizer": optimizer}
+                if "epochs" in inspect.signature(factory).parameters:
+                    kwargs["epochs"] = self.cascade.training_epochs(stage.name, self._max_epochs())
+                schedulers.append(factory(**kwargs))
+        return optimizers, schedulers
+
+    def _max_epochs(self) -> int:
+        max_epochs = self.trainer.max_epochs if self._trainer is not None else None
+        if max_epochs is None or max_epochs < 0:
+            raise ConfigError(
+                "trainer.max_epochs must be set: learning-rate schedules span the epochs each "
+                "stage trains"
+            )
+        return max_epochs
+
+    def load_finetune_weights(self) -> None:
+        """Initialise the networks from ``finetune.ckpt_path`` (weights only, fresh optimizers)."""
+        path = Path(self.cascade.finetune.ckpt_path).expanduser()
+        if not path.is_file():
+            raise DataError(f"finetune.ckpt_path: checkpoint {path} does not exist")
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        own = self.state_dict()
+        mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+        if mismatched:
+            raise ConfigError(
+                f"finetune.ckpt_path {path}: parameter shapes differ for {mismatched[:10]}: the "
+                "checkpoint's networks do not match this configuration"
+            )
+        result = self.load_state_dict(state, strict=False)
+        missing_nets = sorted(
+            {k.split(".")[1] for k in result.missing_keys if k.startswith("nets.")}
+        )
+        if missing_nets:
+            log.warning("finetune: no weights in %s for stages %s", path, missing_nets)
+
+    # -- evaluation ------------------------------------------------------------------------
+
+    def _evaluate_volume(self, batch: dict, split: str) -> CascadePrediction:
+        prediction = self.predict_volume(batch["image"], batch["spacing"][0])
+        target = self.composed_target(batch["label"])
+        log_probs = torch.log(prediction.probabilities.clamp_min(1e-8))
+        self.log(f"{split}/loss", self.loss(log_probs, target), batch_size=1, sync_dist=True)
+        metrics = self.metrics[f"{split}_metrics"]
+        metrics["composed"].update(prediction.labels, target[:, 0])
+        if self.multi_stage:
+            for stage in self.cascade.stages:
+                stage_target = self.stage_target(stage, batch["label"])[:, 0]
+                metrics[stage.name].update(prediction.stage_labels[stage.name], stage_target)
+        return prediction
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.val_dice.update(*self._evaluate_volume(batch, "val"))
+        self._evaluate_volume(batch, "val")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        prediction, target = self._evaluate_volume(batch, "test")
-        self.test_dice.update(prediction, target)
+        prediction = self._evaluate_volume(batch, "test")
+        spacing = batch["spacing"][0]
+        target = self.composed_target(batch["label"])[0, 0]
         row = {"case_id": batch["case_id"][0]}
-        row |= case_metrics(prediction[0], target[0], self.class_names, batch["spacing"][0])
+        row |= case_metrics(prediction.labels[0], target, self.class_names, spacing)
+        if self.multi_stage:
+            for stage in self.cascade.stages:
+                names = ["background", *stage.classes]
+                stage_target = self.stage_target(stage, batch["label"])[0, 0]
+                stage_row = case_metrics(
+                    prediction.stage_labels[stage.name][0], stage_target, names, spacing
+                )
+                row |= {
+                    f"{stage.name}/{k}": v for k, v in stage_row.items() if k.startswith("dice")
+                }
         self.test_rows.append(row)
 
-    def _log_dice(self, metric: DiceScore, prefix: str) -> None:
-        scores = metric.compute().reshape(-1)  # a 0-d tensor when there is one class
-        for name, score in zip(self.class_names[1:], scores, strict=True):
-            self.log(f"{prefix}/dice_{name}", score)
-        self.log(f"{prefix}/dice_mean", scores.nanmean(), prog_bar=True)
-        metric.reset()
+    def _log_dice(self, split: str) -> None:
+        metrics = self.metrics[f"{split}_metrics"]
+        for key, metric in metrics.items():
+            prefix = split if key == "composed" else f"{split}/{key}"
+            names = (
+                self.class_names
+                if key == "composed"
+                else ["background", *self.cascade.stage(key).classes]
+            )
+            scores = metric.compute().reshape(-1)  # a 0-d tensor when there is one class
+            for name, score in zip(names[1:], scores, strict=True):
+                self.log(f"{prefix}/dice_{name}", score)
+            self.log(f"{prefix}/dice_mean", scores.nanmean(), prog_bar=key == "composed")
+            metric.reset()
 
     def on_validation_epoch_end(self) -> None:
-        self._log_dice(self.val_dice, "val")
+        self._log_dice("val")
 
     def on_test_epoch_start(self) -> None:
         self.test_rows = []
 
     def on_test_epoch_end(self) -> None:
-        self._log_dice(self.test_dice, "test")
+        self._log_dice("test")
         if dist.is_available() and dist.is_initialized():
             gathered: list[list[dict]] = [[] for _ in range(dist.get_world_size())]
             dist.all_gather_object(gathered, self.test_rows)
             self.test_rows = [row for rows in gathered for row in rows]
         self.test_rows.sort(key=lambda row: row["case_id"])
 
-    def configure_optimizers(self) -> dict:
-        optimizer = instantiate(self.hparams.optimizer)(params=self.parameters())
-        if not self.hparams.scheduler:
-            return {"optimizer": optimizer}
-        scheduler = instantiate(self.hparams.scheduler)(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler}}
+
+def _dice(num_classes: int) -> DiceScore:
+    return DiceScore(
+        num_classes=num_classes, include_background=False, average="none", input_format="index"
+    )
 
 
-def resolve_classes(
-    classes: Mapping[str, Sequence[int]] | None, dataset_labels: Mapping[int, str]
-) -> dict[str, list[int]]:
-    """Output classes of a stage: the dataset's foreground labels, or a declared regrouping."""
-    if classes is None:
-        return {name: [value] for value, name in dataset_labels.items() if value != 0}
-    resolved: dict[str, list[int]] = {}
-    for name, values in classes.items():
-        values = [values] if isinstance(values, int) else list(values)
-        unknown = sorted(set(values) - set(dataset_labels) | ({0} & set(values)))
-        if not values or unknown:
-            raise ConfigError(
-                f"stage.classes.{name}: label values {unknown or values} are not foreground "
-                f"labels of the dataset (declared: {dict(dataset_labels)})"
-            )
-        resolved[str(name)] = values
-    return resolved
+def _lookup(mapping: Mapping[int, int]) -> torch.Tensor:
+    lut = torch.zeros(max(mapping) + 1, dtype=torch.long)
+    for value, index in mapping.items():
+        lut[value] = index
+    return lut
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _merge(base: Mapping | None, overrides: Mapping | None) -> dict | None:
+    if not base:
+        return None
+    if not overrides:
+        return dict(base)
+    return OmegaConf.to_container(OmegaConf.merge(base, overrides))
 
 
 def build_module(
@@ -177,23 +358,34 @@ def build_module(
     dataset_labels: Mapping[int, str],
     patch_size: Sequence[int],
     preprocess: Mapping | None = None,
+    finetune: Mapping | None = None,
 ) -> SegmentationModule:
     """Assemble the LightningModule from the `model`, `stage` and `loss` config groups."""
     model_dict = OmegaConf.to_container(model, resolve=True)
     network = {k: v for k, v in model_dict.items() if k not in TRAINING_KEYS}
     if "optimizer" not in model_dict:
         raise ConfigError("model.optimizer is missing: every model preset needs an optimizer")
-    return SegmentationModule(
+    stage_dict = OmegaConf.to_container(stage, resolve=True)
+    finetune = dict(finetune or {})
+    cascade = build_cascade(stage_dict, dataset_labels, finetune)
+    module = SegmentationModule(
         network=network,
         in_channels=in_channels,
-        classes=resolve_classes(
-            OmegaConf.to_container(stage.classes) if stage.classes is not None else None,
-            dataset_labels,
-        ),
+        stages=[s.as_dict() for s in cascade.stages],
         dataset_labels=dict(dataset_labels),
         loss=OmegaConf.to_container(loss, resolve=True),
         optimizer=model_dict["optimizer"],
         scheduler=model_dict.get("scheduler"),
         inference={**model_dict.get("inference", {}), "window": list(patch_size)},
         preprocess=dict(preprocess or {}),
+        freeze_earlier=cascade.freeze_earlier,
+        finetune={
+            "ckpt_path": cascade.finetune.ckpt_path,
+            "stages": None if cascade.finetune.stages is None else list(cascade.finetune.stages),
+            "unfreeze_every": cascade.finetune.unfreeze_every,
+        },
+        gradient_clip=model_dict.get("gradient_clip"),
     )
+    if cascade.finetune.ckpt_path is not None:
+        module.load_finetune_weights()
+    return module

@@ -41,6 +41,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
         dataset_labels=datamodule.dataset.labels,
         patch_size=datamodule.patch_size,
         preprocess=OmegaConf.to_container(cfg.data.get("preprocess") or {}, resolve=True),
+        finetune=OmegaConf.to_container(cfg.get("finetune") or {}, resolve=True),
+    )
+    module.cascade.train_all_stages = bool(cfg.trainer.get("fast_dev_run"))
+    module.cascade.check_epochs(cfg.trainer.get("max_epochs"))
+    training_masks = cfg.stage.get("training_masks")
+    datamodule.attach_cascade(
+        module.cascade,
+        OmegaConf.to_container(training_masks, resolve=True) if training_masks else None,
     )
     trainer: L.Trainer = instantiate(
         cfg.trainer,

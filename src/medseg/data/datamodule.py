@@ -12,12 +12,20 @@ import torchio as tio
 from torch.utils.data import DataLoader
 
 from medseg.data.augment import build_augmentation
+from medseg.data.cascade import (
+    PerturbedStageMasks,
+    RegionLabelSampler,
+    check_mask_source,
+    prediction_mask_paths,
+    prior_key,
+)
 from medseg.data.cases import DatasetInfo, discover_cases, validate_cases
 from medseg.data.phantom import write_phantom_dataset
 from medseg.data.preprocess import build_preprocessing
 from medseg.data.splits import Split, split_cases
 from medseg.data.subjects import case_to_subject, collate_subjects
 from medseg.errors import ConfigError
+from medseg.stages import Cascade
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +108,25 @@ class SegmentationDataModule(L.LightningDataModule):
         self.preload = preload
         self.preprocessing = build_preprocessing(**self.preprocess, min_shape=self.patch_size)
         self.subjects: dict[str, list[tio.Subject]] = {}
+        self.cascade: Cascade | None = None
+        self.training_masks: dict = {"source": "perturbed"}
+
+    def attach_cascade(self, cascade: Cascade, training_masks: Mapping | None = None) -> None:
+        """Make training data follow a cascade's stage schedule.
+
+        Args:
+            cascade: the stages being trained: the patch sampler follows the schedule, and
+                later stages get earlier stages' masks (``priors`` in the batch).
+            training_masks: how later stages see earlier stages' masks during training:
+                ``{source: perturbed, ...}`` (keyword arguments of PerturbedStageMasks) or
+                ``{source: predictions, dir: <folder of <stage>/<case_id>.nii.gz>}``.
+        """
+        masks = dict(training_masks or {"source": "perturbed"})
+        check_mask_source(masks.get("source"))
+        if self.subjects:
+            raise RuntimeError("attach_cascade must be called before setup()")
+        self.cascade = cascade
+        self.training_masks = masks
 
     def prepare_data(self) -> None:
         if self.phantom is not None:
@@ -135,21 +162,49 @@ class SegmentationDataModule(L.LightningDataModule):
             len(split.val),
             len(split.test),
         )
+        predicted = self._predicted_mask_paths(split.train)
         for name, ids in (("train", split.train), ("val", split.val), ("test", split.test)):
-            subjects = [case_to_subject(self.dataset.case(i)) for i in ids]
+            subjects = [
+                case_to_subject(self.dataset.case(i), predicted.get(i) if name == "train" else None)
+                for i in ids
+            ]
             if self.preload:
                 subjects = [self.preprocessing(s) for s in subjects]
             self.subjects[name] = subjects
 
+    def _predicted_mask_paths(self, case_ids) -> dict[str, dict[str, Path]]:
+        """Earlier-stage prediction files per training case (source: predictions)."""
+        if self.cascade is None or self.training_masks["source"] != "predictions":
+            return {}
+        if not self.training_masks.get("dir"):
+            raise ConfigError("stage.training_masks.dir is required with source=predictions")
+        paths = prediction_mask_paths(
+            self.training_masks["dir"], self.cascade.mask_producers, case_ids
+        )
+        return {
+            case: {prior_key(s): p for s, p in stages.items()} for case, stages in paths.items()
+        }
+
+    def _stage_masks_transform(self) -> tio.Transform | None:
+        if self.cascade is None or self.training_masks["source"] != "perturbed":
+            return None
+        producers = self.cascade.mask_producers
+        if not producers:
+            return None
+        options = {k: v for k, v in self.training_masks.items() if k != "source"}
+        values = {name: sorted(self.cascade.stage(name).values) for name in producers}
+        return PerturbedStageMasks(values, **options)
+
     def _dataset(self, name: str, augment: bool) -> tio.SubjectsDataset:
         transforms = [] if self.preload else [self.preprocessing]
-        if augment and self.augmentation is not None:
-            transforms.append(self.augmentation)
+        if augment:
+            extra = (self.augmentation, self._stage_masks_transform())
+            transforms += [t for t in extra if t is not None]
         return tio.SubjectsDataset(
             self.subjects[name], transform=tio.Compose(transforms) if transforms else None
         )
 
-    def _patch_sampler(self) -> tio.data.PatchSampler:
+    def _patch_sampler(self, epoch: int) -> tio.data.PatchSampler:
         if self.sampler == "uniform":
             return tio.UniformSampler(self.patch_size)
         probabilities = self.label_probabilities or {v: 1.0 for v in self.dataset.labels}
@@ -159,14 +214,22 @@ class SegmentationDataModule(L.LightningDataModule):
                 f"data.label_probabilities names label values {unknown} that the dataset "
                 f"does not declare (declared: {sorted(self.dataset.labels)})"
             )
+        region = self.cascade.sampling_stage(epoch).region if self.cascade else None
+        if region is not None:
+            return RegionLabelSampler(
+                self.patch_size, probabilities, region.stage, region.margin_mm
+            )
         return tio.LabelSampler(self.patch_size, "label", probabilities)
 
     def train_dataloader(self) -> DataLoader:
+        # Rebuilt every epoch (trainer.reload_dataloaders_every_n_epochs=1), so patches follow
+        # the cascade's stage schedule.
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
         queue = tio.Queue(
             self._dataset("train", augment=True),
             max_length=self.queue_length,
             samples_per_volume=self.samples_per_volume,
-            sampler=self._patch_sampler(),
+            sampler=self._patch_sampler(epoch),
             num_workers=self.num_workers,
             shuffle_subjects=True,
             shuffle_patches=True,

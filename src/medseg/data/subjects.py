@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 import torchio as tio
 
+from medseg.data.cascade import PRIOR_PREFIX
 from medseg.data.cases import Case
 
 
-def case_to_subject(case: Case) -> tio.Subject:
-    """A lazy subject: files are read when a transform or `load()` first needs them."""
+def case_to_subject(case: Case, label_maps: Mapping[str, Path] | None = None) -> tio.Subject:
+    """A lazy subject: files are read when a transform or `load()` first needs them.
+
+    `label_maps` adds more label maps by name (e.g. earlier-stage predictions of a cascade).
+    """
     images = list(case.images)
     fields: dict = {
         "image": tio.ScalarImage(images if len(images) > 1 else images[0]),
@@ -19,12 +24,15 @@ def case_to_subject(case: Case) -> tio.Subject:
     }
     if case.label is not None:
         fields["label"] = tio.LabelMap(case.label)
+    for name, path in (label_maps or {}).items():
+        fields[name] = tio.LabelMap(path)
     return tio.Subject(**fields)
 
 
 def collate_subjects(subjects: Sequence[tio.Subject]) -> dict:
     """Batch dict: ``image`` float32 [B, C, *spatial], ``label`` int64 [B, 1, *spatial],
-    ``case_id`` list, ``spacing`` float [B, 3] (mm), ``location`` [B, 6] for patches."""
+    ``case_id`` list, ``spacing`` float [B, 3] (mm), ``location`` [B, 6] for patches, and
+    ``priors``: stage -> float [B, 1, *spatial] earlier-stage masks of a cascade."""
     batch: dict = {
         "image": torch.stack([s["image"].data.float() for s in subjects]),
         "case_id": [s["case_id"] for s in subjects],
@@ -32,6 +40,12 @@ def collate_subjects(subjects: Sequence[tio.Subject]) -> dict:
     }
     if "label" in subjects[0]:
         batch["label"] = torch.stack([s["label"].data.long() for s in subjects])
+    priors = [k for k in subjects[0] if k.startswith(PRIOR_PREFIX)]
+    if priors:
+        batch["priors"] = {
+            k.removeprefix(PRIOR_PREFIX): torch.stack([s[k].data.float() for s in subjects])
+            for k in priors
+        }
     if tio.LOCATION in subjects[0]:
         batch["location"] = torch.stack([torch.as_tensor(s[tio.LOCATION]) for s in subjects])
     return batch

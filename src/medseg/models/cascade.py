@@ -1,0 +1,143 @@
+"""Cascade inference: stage by stage, each inside its region, composed into one label map.
+
+Stage 1 predicts on the whole volume; a later stage with a region predicts only inside the
+bounding box of an earlier stage's mask (grown by a margin in mm), its mask is restricted to
+that earlier mask (tumour only inside liver), and the stages' classes are composed into one
+label map in which later stages override earlier ones.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from medseg.stages import Cascade, StageSpec
+
+Box = tuple[slice, ...]
+StagePredictor = Callable[[StageSpec, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class CascadePrediction:
+    """Composed output for one volume.
+
+    labels: [1, *spatial] composed class indices (decided by each stage's threshold).
+    probabilities: [1, K, *spatial] composed class probabilities: a stage's class gets the
+        probability mass of its region stage's foreground times the stage's own probability.
+    stage_labels: stage name -> [1, *spatial] that stage's own class indices (0 outside its
+        foreground).
+    """
+
+    labels: torch.Tensor
+    probabilities: torch.Tensor
+    stage_labels: dict[str, torch.Tensor]
+
+
+def bounding_box(mask: torch.Tensor, margin: Sequence[int]) -> Box | None:
+    """Slices of the smallest box holding every True voxel, grown by `margin` voxels per axis
+    and clipped to the volume; None for an empty mask."""
+    if not bool(mask.any()):
+        return None
+    box = []
+    for axis, (size, grow) in enumerate(zip(mask.shape, margin, strict=True)):
+        others = tuple(a for a in range(mask.ndim) if a != axis)
+        present = torch.nonzero(mask.any(dim=others) if others else mask).flatten()
+        start = max(int(present[0]) - grow, 0)
+        stop = min(int(present[-1]) + 1 + grow, size)
+        box.append(slice(start, stop))
+    return tuple(box)
+
+
+def crop(volume: torch.Tensor, box: Box) -> torch.Tensor:
+    """Crop the trailing spatial axes of [..., *spatial] to `box`."""
+    return volume[(..., *box)]
+
+
+def paste(region: torch.Tensor, box: Box, shape: Sequence[int], fill: torch.Tensor) -> torch.Tensor:
+    """Put `region` [N, C, *box] back into a [N, C, *shape] volume whose other voxels are
+    `fill` (one value per channel)."""
+    out = fill.reshape(1, -1, *([1] * len(shape))).expand(*region.shape[:2], *shape).clone()
+    out[(..., *box)] = region
+    return out
+
+
+def margin_voxels(margin_mm: float, spacing: Sequence[float]) -> list[int]:
+    return [math.ceil(margin_mm / float(s)) for s in spacing]
+
+
+def decide(
+    probabilities: torch.Tensor, threshold: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Foreground mask [N, *] and class index [N, *] (1..K-1 where foreground) of a stage."""
+    if threshold is None:
+        classes = probabilities.argmax(1)
+        return classes > 0, classes
+    foreground = (1 - probabilities[:, 0]) >= threshold
+    return foreground, probabilities[:, 1:].argmax(1) + 1
+
+
+def predict_cascade(
+    image: torch.Tensor,
+    spacing: Sequence[float],
+    cascade: Cascade,
+    stage_probabilities: StagePredictor,
+) -> CascadePrediction:
+    """Run every stage of `cascade` on one volume and compose the result.
+
+    Args:
+        image: [1, C, *spatial] preprocessed volume.
+        spacing: its voxel size in mm (for region margins).
+        stage_probabilities: (stage, inputs [1, C + masks, *box]) -> softmax [1, K_s, *box].
+    """
+    shape = tuple(image.shape[2:])
+    num_classes = len(cascade.class_names)
+    probabilities = torch.zeros(1, num_classes, *shape, device=image.device)
+    probabilities[:, 0] = 1
+    labels = torch.zeros(1, *shape, dtype=torch.long, device=image.device)
+    masks: dict[str, torch.Tensor] = {}
+    stage_labels: dict[str, torch.Tensor] = {}
+    class_values: list[set[int]] = [set()]  # source values of each composed class
+    offset = 1
+    for stage in cascade.stages:
+        inputs = torch.cat(
+            [image, *(masks[m][:, None].to(image.dtype) for m in stage.input_masks)], 1
+        )
+        parent = masks[stage.region.stage] if stage.region else None
+        box: Box | None = tuple(slice(0, s) for s in shape)
+        if parent is not None:
+            box = bounding_box(parent[0], margin_voxels(stage.region.margin_mm, spacing))
+        background = torch.zeros(stage.num_outputs, device=image.device)
+        background[0] = 1
+        if box is None:  # the region stage found nothing: neither does this stage
+            stage_probs = background.reshape(1, -1, *([1] * len(shape))).expand(1, -1, *shape)
+        else:
+            stage_probs = paste(
+                stage_probabilities(stage, crop(inputs, box)), box, shape, background
+            )
+        foreground, classes = decide(stage_probs, stage.threshold)
+        if parent is not None:
+            foreground &= parent
+        masks[stage.name] = foreground
+        stage_labels[stage.name] = torch.where(foreground, classes, 0)
+        labels[foreground] = offset + classes[foreground] - 1
+
+        # Probability mass of the region stage's foreground is split by this stage.
+        inside = [
+            i
+            for i, values in enumerate(class_values)
+            if parent is None or (values and values <= cascade.stage(stage.region.stage).values)
+        ]
+        mass = (
+            probabilities[:, inside].sum(1)
+            if parent is not None
+            else torch.ones_like(labels, dtype=probabilities.dtype)
+        )
+        probabilities[:, inside] *= stage_probs[:, :1]
+        for j, values in enumerate(stage.classes.values(), start=1):
+            probabilities[:, offset + j - 1] = mass * stage_probs[:, j]
+            class_values.append(set(values))
+        offset += len(stage.classes)
+    return CascadePrediction(labels, probabilities, stage_labels)
