@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from medseg import pipeline
 from medseg.module import build_module
 
-from .conftest import CONFIG_DIR, compose_config, tiny_data_overrides
+from .conftest import CONFIG_DIR, SHARED_DATA, TINY_MODEL, compose_config, tiny_data_overrides
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 GROUPS = ["data", "model", "stage", "loss", "trainer", "callbacks", "logger", "debug"]
@@ -35,13 +35,32 @@ def test_eval_config_composes(tmp_path):
 
 
 def test_there_are_experiments():
-    assert "phantom_resse_m" in EXPERIMENTS
+    assert {"phantom_resse_m", "liver_cascade", "brats_cascade"} <= set(EXPERIMENTS)
 
 
 def experiment_overrides(experiment: str, root: Path, data_root: Path) -> list[str]:
-    """The experiment on the tiny phantom, with patches large enough for a total stride of 32."""
-    data = tiny_data_overrides(root, data_root)
-    return [f"experiment={experiment}", *data, "data.patch_size=[64,64,32]"]
+    """The experiment on the tiny phantom, with patches large enough for a total stride of 32;
+    experiments on real data keep their data (from ../shared/data) with a short trainer."""
+    cfg = compose_config("train", [f"experiment={experiment}", f"paths.root_dir={root}"])
+    if "phantom" in cfg.data:
+        data = tiny_data_overrides(root, data_root)
+        return [f"experiment={experiment}", *data, "data.patch_size=[64,64,32]"]
+    real_root = SHARED_DATA / Path(cfg.data.root).name
+    if not real_root.is_dir():
+        pytest.skip(f"experiment {experiment} needs {real_root}, which is absent")
+    return [
+        f"experiment={experiment}",
+        f"paths.root_dir={root}",
+        f"data.root={real_root}",
+        "data.preprocess.spacing=[4,4,4]",
+        "data.patch_size=[32,32,32]",
+        "data.num_workers=0",
+        "data.samples_per_volume=1",
+        "data.queue_length=2",
+        "trainer.max_epochs=1",
+        "trainer.accelerator=cpu",
+        *TINY_MODEL,
+    ]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -58,6 +77,9 @@ def test_experiment_instantiates(experiment, tmp_path, phantom_root):
         datamodule.patch_size,
     )
     assert module.class_names[0] == "background"
+    # Every stage gets epochs within the experiment's own budget.
+    own = compose_config("train", [f"experiment={experiment}", f"paths.root_dir={tmp_path}"])
+    module.cascade.check_epochs(own.trainer.max_epochs)
     trainer = instantiate(cfg.trainer)
     assert trainer.max_epochs == 1
 

@@ -1,10 +1,11 @@
-"""Case discovery in Medical Segmentation Decathlon / nnU-Net raw folders, and validation.
+"""Case discovery in MSD / nnU-Net raw folders or folder-per-case layouts, and validation.
 
 A case is an id, one or more image channels and an optional label map. Discovery reads
 ``dataset.json`` when present (MSD's ``training`` list, or nnU-Net v2's ``channel_names``
 and ``file_ending`` with an ``imagesTr``/``labelsTr`` scan) and otherwise scans
-``imagesTr``/``labelsTr`` alone. Validation opens every file before training starts and
-reports every bad case in one error.
+``imagesTr``/``labelsTr`` alone. A folder-per-case layout (as BraTS ships: one folder per
+case holding each modality and the label) is described by file-name patterns instead.
+Validation opens every file before training starts and reports every bad case in one error.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class Case:
     case_id: str
     images: tuple[Path, ...]
     label: Path | None = None
+    # (value, binary mask file): background voxels of the label inside the mask get `value`
+    label_masks: tuple[tuple[int, Path], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -65,16 +68,25 @@ def strip_nifti_suffix(name: str) -> str:
     return name
 
 
-def discover_cases(root: str | Path, labels: Mapping | None = None) -> DatasetInfo:
-    """Find the cases of an MSD-layout folder.
+def discover_cases(
+    root: str | Path, labels: Mapping | None = None, layout: Mapping | None = None
+) -> DatasetInfo:
+    """Find the cases of a dataset folder.
 
     Args:
-        root: folder with ``imagesTr/`` (and usually ``labelsTr/`` and ``dataset.json``).
+        root: MSD-layout folder with ``imagesTr/`` (and usually ``labelsTr/`` and
+            ``dataset.json``), or the root of a folder-per-case layout.
         labels: label value -> name; overrides (or replaces a missing) dataset.json map.
+        layout: None for MSD; for one folder per case: ``{channels: {name: pattern},
+            label: pattern, merge_masks: {value: pattern}}`` with glob patterns matched
+            inside each case folder (see :func:`_folder_cases`).
     """
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise DataError(f"data.root: dataset folder {root} does not exist")
+    if layout is not None:
+        cases, channels = _folder_cases(root, layout)
+        return DatasetInfo(root, cases, _parse_labels(labels, root / "dataset.json"), channels)
     meta_path = root / "dataset.json"
     meta: dict = {}
     if meta_path.is_file():
@@ -155,6 +167,39 @@ def _channel_files(folder: Path, case_id: str) -> tuple[Path, ...]:
 
 def glob_escape(text: str) -> str:
     return re.sub(r"([\[\]*?])", r"[\1]", text)
+
+
+def _folder_cases(root: Path, layout: Mapping) -> tuple[tuple[Case, ...], tuple[str, ...]]:
+    """Cases of a folder-per-case layout: every folder under `root` (at any depth) holding a
+    file that matches the first channel's pattern is a case, named after the folder."""
+    channels = dict(layout.get("channels") or {})
+    if not channels:
+        raise DataError("data.layout.channels must name at least one image channel pattern")
+    first = next(iter(channels.values()))
+    folders = sorted({p.parent for p in root.rglob(first) if p.is_file()})
+    if not folders:
+        raise DataError(f"{root}: no case folder holds a file matching {first!r}")
+    names = [f.name for f in folders]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise DataError(f"{root}: case folder names are not unique: {duplicates}")
+    cases = []
+    for folder in folders:
+        images = tuple(_match(folder, pattern) for pattern in channels.values())
+        label = _match(folder, layout["label"]) if layout.get("label") else None
+        masks = tuple(
+            (int(value), _match(folder, pattern))
+            for value, pattern in (layout.get("merge_masks") or {}).items()
+        )
+        cases.append(Case(folder.name, images, label, masks))
+    return tuple(cases), tuple(str(name) for name in channels)
+
+
+def _match(folder: Path, pattern: str) -> Path:
+    """The one file in `folder` matching `pattern`; a missing one is kept as a path for
+    validation to report with the other problems."""
+    found = sorted(folder.glob(pattern))
+    return found[0] if len(found) == 1 else folder / pattern
 
 
 def _scan_cases(root: Path, file_ending: str | None) -> list[Case]:
@@ -251,7 +296,25 @@ def _case_problems(
         )
     else:
         problems += _label_value_problems(case, label, labels)
+    for value, path in case.label_masks:
+        problems += _label_mask_problems(case, value, path, spatial, reference, labels)
     return problems
+
+
+def _label_mask_problems(case: Case, value: int, path: Path, spatial, reference, labels) -> list:
+    if value not in labels:
+        return [
+            f"{case.case_id}: {path}: merges value {value}, which the label map does not declare"
+        ]
+    mask, error = _open(path)
+    if error:
+        return [f"{case.case_id}: {path}: {error}"]
+    if mask.shape[:3] != spatial or not _affines_match(mask.affine, reference.affine):
+        return [f"{case.case_id}: {path}: mask shape or affine differs from the image's"]
+    values = np.unique(np.asanyarray(mask.dataobj))
+    if not set(values.tolist()) <= {0, 1}:
+        return [f"{case.case_id}: {path}: a merged mask must be binary, has values {values[:10]}"]
+    return []
 
 
 def _open(path: Path) -> tuple[nib.spatialimages.SpatialImage | None, str | None]:

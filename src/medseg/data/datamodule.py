@@ -36,8 +36,10 @@ class SegmentationDataModule(L.LightningDataModule):
     """Training patches from a TorchIO queue; whole volumes for validation and test.
 
     Args:
-        root: dataset folder in MSD layout (imagesTr/, labelsTr/, dataset.json).
+        root: dataset folder in MSD layout (imagesTr/, labelsTr/, dataset.json), or the root
+            of a folder-per-case layout.
         labels: label value -> class name; None reads dataset.json.
+        layout: None for MSD; a folder-per-case layout (see :func:`discover_cases`).
         phantom: parameters of :func:`write_phantom_dataset`; when given, the synthetic
             phantom is generated at ``root`` (once, cached) before anything else.
         preprocess: keyword arguments of :func:`build_preprocessing` except ``min_shape``.
@@ -59,6 +61,7 @@ class SegmentationDataModule(L.LightningDataModule):
         self,
         root: str | Path,
         labels: Mapping[int, str] | None = None,
+        layout: Mapping | None = None,
         phantom: Mapping | None = None,
         preprocess: Mapping | None = None,
         patch_size: Sequence[int] = (64, 64, 32),
@@ -78,6 +81,7 @@ class SegmentationDataModule(L.LightningDataModule):
         super().__init__()
         self.root = Path(root).expanduser()
         self.labels = dict(labels) if labels is not None else None
+        self.layout = layout
         self.phantom = dict(phantom) if phantom is not None else None
         self.preprocess = dict(preprocess or {})
         self.patch_size = _positive_ints("data.patch_size", patch_size, length=3)
@@ -136,7 +140,7 @@ class SegmentationDataModule(L.LightningDataModule):
     def dataset(self) -> DatasetInfo:
         """The discovered cases (generates the phantom first when configured)."""
         self.prepare_data()
-        return discover_cases(self.root, self.labels)
+        return discover_cases(self.root, self.labels, self.layout)
 
     @property
     def class_names(self) -> list[str]:

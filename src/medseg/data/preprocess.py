@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torchio as tio
 
+from medseg.data.subjects import MERGE_PREFIX
 from medseg.errors import ConfigError, DataError
 
 INTENSITY_MODES = ("ct_window", "zscore", "zscore_nonzero", "none")
@@ -39,6 +40,24 @@ class ChannelwiseZNormalization(tio.IntensityTransform):
                 )
             normalized = (data - mean) / std
             image.set_data(torch.where(mask, normalized, 0) if self.nonzero else normalized)
+        return subject
+
+
+class MergeLabelMasks(tio.Transform):
+    """Fold binary masks named ``merge_<value>`` into ``label``: its background voxels inside
+    a mask get ``value`` (e.g. a brain mask around a tumour label map), then drop the masks."""
+
+    def apply_transform(self, subject: tio.Subject) -> tio.Subject:
+        masks = [k for k in subject if k.startswith(MERGE_PREFIX)]
+        if not masks:
+            return subject
+        label = subject["label"]
+        data = label.data.clone()
+        for key in masks:
+            value = int(key.removeprefix(MERGE_PREFIX))
+            data[(data == 0) & (subject[key].data > 0)] = value
+            subject.remove_image(key)
+        label.set_data(data)
         return subject
 
 
@@ -83,7 +102,7 @@ def build_preprocessing(
         intensity: keyword arguments of :func:`intensity_transforms`.
         min_shape: pad (never crop) to at least this shape, e.g. the patch size.
     """
-    transforms: list[tio.Transform] = []
+    transforms: list[tio.Transform] = [MergeLabelMasks()]
     if canonical:
         transforms.append(tio.ToCanonical())
     if spacing is not None:

@@ -11,6 +11,9 @@ import torchio as tio
 from medseg.data.cascade import PRIOR_PREFIX
 from medseg.data.cases import Case
 
+# Label maps named merge_<value> are folded into `label` by preprocess.MergeLabelMasks.
+MERGE_PREFIX = "merge_"
+
 
 def case_to_subject(case: Case, label_maps: Mapping[str, Path] | None = None) -> tio.Subject:
     """A lazy subject: files are read when a transform or `load()` first needs them.
@@ -24,6 +27,8 @@ def case_to_subject(case: Case, label_maps: Mapping[str, Path] | None = None) ->
     }
     if case.label is not None:
         fields["label"] = tio.LabelMap(case.label)
+    for value, path in case.label_masks:
+        fields[f"{MERGE_PREFIX}{value}"] = tio.LabelMap(path)
     for name, path in (label_maps or {}).items():
         fields[name] = tio.LabelMap(path)
     return tio.Subject(**fields)
