@@ -55,6 +55,7 @@ def test_single_stage_predicts_every_dataset_label():
         ({"s0": {"epochs": None}}, "epochs is required for every stage but the last"),
         ({"s1": {"classes": {"liver": [2]}}}, "class name 'liver' is used twice"),
         ({"s1": {"thresh": 0.5}}, "unknown keys ['thresh']"),
+        ({"s1": {"name": "le.sion"}}, "a stage name must be an identifier"),
     ],
 )
 def test_invalid_stages_give_a_clear_error(changes, message):

@@ -190,6 +190,8 @@ def _validate(stages: Sequence[StageSpec], labels: dict[int, str], finetune: Fin
         key = f"stage.stages[{i}] ({stage.name})"
         if stage.name in seen:
             raise ConfigError(f"{key}: the stage name {stage.name!r} is used twice")
+        if not stage.name.isidentifier():
+            raise ConfigError(f"{key}: a stage name must be an identifier (letters, digits, _)")
         if not stage.classes:
             raise ConfigError(f"{key}: classes is empty")
         for name, values in stage.classes.items():
