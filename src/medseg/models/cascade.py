@@ -79,6 +79,19 @@ def decide(
     return foreground, probabilities[:, 1:].argmax(1) + 1
 
 
+def _in_region(
+    stage: StageSpec, inputs: torch.Tensor, box: Box | None, predict: StagePredictor
+) -> torch.Tensor:
+    """The stage's probabilities inside `box`, background elsewhere (everywhere if no box:
+    the region stage found nothing, so neither does this stage)."""
+    shape = inputs.shape[2:]
+    background = torch.zeros(stage.num_outputs, device=inputs.device)
+    background[0] = 1
+    if box is None:
+        return background.reshape(1, -1, *([1] * len(shape))).expand(1, -1, *shape)
+    return paste(predict(stage, crop(inputs, box)), box, shape, background)
+
+
 def predict_cascade(
     image: torch.Tensor,
     spacing: Sequence[float],
@@ -106,16 +119,12 @@ def predict_cascade(
             [image, *(masks[m][:, None].to(image.dtype) for m in stage.input_masks)], 1
         )
         parent = masks[stage.region.stage] if stage.region else None
-        box: Box | None = tuple(slice(0, s) for s in shape)
-        if parent is not None:
-            box = bounding_box(parent[0], margin_voxels(stage.region.margin_mm, spacing))
-        background = torch.zeros(stage.num_outputs, device=image.device)
-        background[0] = 1
-        if box is None:  # the region stage found nothing: neither does this stage
-            stage_probs = background.reshape(1, -1, *([1] * len(shape))).expand(1, -1, *shape)
+        if parent is None:
+            stage_probs = stage_probabilities(stage, inputs)
         else:
-            stage_probs = paste(
-                stage_probabilities(stage, crop(inputs, box)), box, shape, background
+            margin = margin_voxels(stage.region.margin_mm, spacing)
+            stage_probs = _in_region(
+                stage, inputs, bounding_box(parent[0], margin), stage_probabilities
             )
         foreground, classes = decide(stage_probs, stage.threshold)
         if parent is not None:
@@ -130,11 +139,7 @@ def predict_cascade(
             for i, values in enumerate(class_values)
             if parent is None or (values and values <= cascade.stage(stage.region.stage).values)
         ]
-        mass = (
-            probabilities[:, inside].sum(1)
-            if parent is not None
-            else torch.ones_like(labels, dtype=probabilities.dtype)
-        )
+        mass = probabilities[:, inside].sum(1)
         probabilities[:, inside] *= stage_probs[:, :1]
         for j, values in enumerate(stage.classes.values(), start=1):
             probabilities[:, offset + j - 1] = mass * stage_probs[:, j]
