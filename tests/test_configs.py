@@ -12,7 +12,18 @@ from medseg.module import build_module
 from .conftest import CONFIG_DIR, SHARED_DATA, TINY_MODEL, compose_config, tiny_data_overrides
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
-GROUPS = ["data", "model", "stage", "loss", "trainer", "callbacks", "logger", "debug"]
+GROUPS = [
+    "data",
+    "model",
+    "stage",
+    "loss",
+    "trainer",
+    "callbacks",
+    "logger",
+    "prediction",
+    "evaluation",
+    "debug",
+]
 OPTIONS = [(group, p.stem) for group in GROUPS for p in sorted((CONFIG_DIR / group).glob("*.yaml"))]
 
 
@@ -32,6 +43,15 @@ def test_eval_config_composes(tmp_path):
     )
     OmegaConf.resolve(cfg)
     assert cfg.task_name == "eval" and cfg.data.root == f"{tmp_path}/data/phantom"
+
+
+def test_predict_config_composes(tmp_path):
+    overrides = [f"ckpt_path={tmp_path}/x.ckpt", f"input={tmp_path}"]
+    paths = [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run"]
+    cfg = compose_config("predict", [*overrides, *paths])
+    OmegaConf.resolve(cfg)
+    assert cfg.output == f"{tmp_path}/run/predictions"
+    assert cfg.prediction.precision in ("32-true", "bf16-mixed", "16-mixed")
 
 
 def test_there_are_experiments():

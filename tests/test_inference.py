@@ -50,3 +50,21 @@ def test_gaussian_importance_peaks_in_the_centre_and_is_positive():
     assert weights.max() == 1 and weights[4, 4, 2] == 1
     assert weights.min() > 0
     assert weights[0, 0, 0] < weights[2, 2, 1] < weights[4, 4, 2]
+
+
+@pytest.mark.parametrize("size", [33, 40, 47, 64, 100])
+@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5, 0.75])
+def test_window_layout_is_mirror_symmetric_and_covers_every_voxel(size, overlap):
+    starts = window_starts(size, 16, overlap)
+    assert starts == [size - 16 - s for s in reversed(starts)]
+    covered = torch.zeros(size, dtype=torch.bool)
+    for start in starts:
+        covered[start : start + 16] = True
+    assert covered.all()
+
+
+def test_gaussian_importance_has_monais_floor():
+    weights = gaussian_importance((64, 64, 64))
+    assert weights.min() == pytest.approx(1e-3)
+    # The centre (between voxels 31 and 32) is where the weight is largest.
+    assert weights[31, 31, 31] == weights[32, 32, 32] == weights.max()

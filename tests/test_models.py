@@ -92,3 +92,18 @@ def test_input_not_divisible_by_total_stride():
         net(torch.randn(1, 1, 16, 16, 10))
     with pytest.raises(ConfigError, match="1-voxel bottleneck"):
         net.check_input_size((4, 4, 4))
+
+
+def test_dropout_is_off_by_default_and_samples_in_training_mode():
+    torch.manual_seed(0)
+    plain = ResidualSEUNet(1, 2, width=4, num_stages=2, blocks_per_stage=1)
+    assert not any(isinstance(m, torch.nn.Dropout) for m in plain.modules())
+    net = ResidualSEUNet(1, 2, width=4, num_stages=2, blocks_per_stage=1, dropout=0.3)
+    assert plain.state_dict().keys() == net.state_dict().keys()  # old checkpoints still load
+    x = torch.randn(1, 1, 16, 16, 8)
+    net.eval()
+    torch.testing.assert_close(net(x), net(x))
+    net.train()
+    assert not torch.allclose(net(x)[0], net(x)[0])
+    with pytest.raises(ConfigError, match=r"model.dropout must be a number in \[0, 1\), got 1"):
+        ResidualSEUNet(1, 2, dropout=1)

@@ -4,12 +4,16 @@ import csv
 import json
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 import yaml
 
 from medseg import pipeline
 from medseg.data.splits import split_cases
+from medseg.errors import DataError
+from medseg.metrics import METRICS
 from medseg.module import SegmentationModule
 
 from .conftest import compose_config, run_script, tiny_overrides
@@ -43,18 +47,33 @@ def test_run_folder_has_config_logs_and_checkpoints(trained_run):
     assert {"test/dice_mean", "val/dice_mean", "test/dice_liver"} <= set(metrics)
 
 
-def test_test_split_metrics_are_written_per_case(trained_run):
-    _, run, _ = trained_run
+def test_test_split_is_scored_in_the_original_geometry(trained_run, phantom_root):
+    _, run, metrics = trained_run
     rows = read_csv(run / "test_metrics.csv")
     test_cases = list(split_cases([f"phantom_{i:03d}" for i in range(8)], 0.25, 2, 0, 0).test)
     assert [r["case_id"] for r in rows] == test_cases
-    assert {"dice_liver", "dice_lesion", "volume_ml_reference_liver"} <= set(rows[0])
+    columns = {f"{m}_{c}" for m in METRICS for c in ("liver", "lesion")}
+    assert columns | {"volume_ml_reference_liver", "volume_ml_predicted_lesion"} <= set(rows[0])
     summary = json.loads((run / "test_summary.json").read_text())
     assert summary["num_cases"] == 2 and summary["cases"] == test_cases
+    assert summary["checkpoints"] == [str(run / "checkpoints" / "epoch_000.ckpt")]
     liver = [float(r["dice_liver"]) for r in rows]
     assert summary["dice"]["liver"]["mean"] == pytest.approx(sum(liver) / 2)
+    assert metrics["test/dice_liver"] == pytest.approx(sum(liver) / 2)
+    assert sum(map(sum, summary["confusion_matrix"]["voxels"])) == 2 * 48 * 48 * 16
     # Reference volumes are real: label voxels x voxel volume of the tiny phantom (2.5*2.5*7.5).
     assert all(float(r["volume_ml_reference_liver"]) > 0 for r in rows)
+    # The written predictions carry the inputs' affines; the logs hold the report's means.
+    for case_id in test_cases:
+        written = nib.load(run / "predictions" / f"{case_id}.nii.gz")
+        source = nib.load(phantom_root / "imagesTr" / f"{case_id}.nii.gz")
+        np.testing.assert_array_equal(written.affine, source.affine)
+        assert written.shape == source.shape
+    logged = [r for r in read_csv(run / "csv" / "metrics.csv") if r.get("test/dice_liver")]
+    assert float(logged[-1]["test/dice_liver"]) == pytest.approx(sum(liver) / 2)
+    pictures = {p.name for p in (run / "plots").iterdir()}
+    assert {"metrics.png", "confusion_matrix.png", "training_curves.png"} <= pictures
+    assert {f"worst_{c}.png" for c in test_cases} <= pictures
 
 
 def test_checkpoint_is_self_contained(trained_run):
@@ -67,22 +86,98 @@ def test_checkpoint_is_self_contained(trained_run):
         assert module.eval()(torch.zeros(1, 1, 32, 32, 16)).shape == (1, 3, 32, 32, 16)
 
 
+def eval_overrides(root: Path, data_root: Path) -> list[str]:
+    """The tiny phantom's data settings, without the training-only ones."""
+    skipped = ("model.", "trainer.", "+trainer.")
+    overrides = [o for o in tiny_overrides(root, data_root) if not o.startswith(skipped)]
+    return overrides
+
+
 def test_eval_rescores_the_checkpoint_on_the_test_split(trained_run, tmp_path, phantom_root):
     _, run, _ = trained_run
     ckpt = run / "checkpoints" / "epoch_000.ckpt"
-    overrides = [o for o in tiny_overrides(tmp_path, phantom_root) if not o.startswith("model.")]
-    overrides = [o for o in overrides if "limit_train_batches" not in o]
-    eval_cfg = compose_config("eval", [*overrides, f"ckpt_path={ckpt}"])
+    eval_cfg = compose_config(
+        "eval", [*eval_overrides(tmp_path, phantom_root), f"ckpt_path={ckpt}"]
+    )
     metrics = pipeline.evaluate(eval_cfg)
-    rows = read_csv(Path(eval_cfg.paths.output_dir) / "test_metrics.csv")
+    output = Path(eval_cfg.paths.output_dir)
+    rows = read_csv(output / "test_metrics.csv")
     train_rows = read_csv(run / "test_metrics.csv")
     assert [r["case_id"] for r in rows] == [r["case_id"] for r in train_rows]
     for mine, theirs in zip(rows, train_rows, strict=True):
         assert float(mine["dice_liver"]) == pytest.approx(float(theirs["dice_liver"]), abs=1e-6)
-    assert json.loads((Path(eval_cfg.paths.output_dir) / "test_summary.json").read_text())[
-        "checkpoint"
-    ] == str(ckpt)
-    assert "test/dice_mean" in metrics
+    assert json.loads((output / "test_summary.json").read_text())["checkpoints"] == [str(ckpt)]
+    assert {f"test/{m}_liver" for m in METRICS} | {"test/dice_mean"} <= set(metrics)
+
+    # The same predictions scored as folders, without the checkpoint, give the same rows.
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for row in rows:
+        name = f"{row['case_id']}.nii.gz"
+        (labels / name).symlink_to(phantom_root / "labelsTr" / name)
+    folder_cfg = compose_config(
+        "eval",
+        [
+            *eval_overrides(tmp_path, phantom_root),
+            f"pred_dir={output / 'predictions'}",
+            f"label_dir={labels}",
+            "labels={0: background, 1: liver, 2: lesion}",
+            f"paths.output_dir={tmp_path}/folders",
+        ],
+    )
+    folder_metrics = pipeline.evaluate(folder_cfg)
+    assert read_csv(tmp_path / "folders" / "test_metrics.csv") == rows
+    assert folder_metrics == pytest.approx(metrics, nan_ok=True)
+
+
+def test_eval_of_folders_reports_missing_predictions(tmp_path, phantom_root):
+    (tmp_path / "predictions").mkdir()
+    cfg = compose_config(
+        "eval",
+        [
+            f"paths.root_dir={tmp_path}",
+            f"paths.output_dir={tmp_path}/out",
+            f"pred_dir={tmp_path / 'predictions'}",
+            f"label_dir={phantom_root / 'labelsTr'}",
+        ],
+    )
+    with pytest.raises(DataError, match=r"8 case\(s\) of .* have no prediction .*phantom_000"):
+        pipeline.evaluate(cfg)
+
+
+def test_predict_cli_writes_predictions_and_names_bad_inputs(trained_run, tmp_path, phantom_root):
+    _, run, _ = trained_run
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for case_id in ("phantom_000", "phantom_001"):
+        name = f"{case_id}.nii.gz"
+        (inputs / name).symlink_to(phantom_root / "imagesTr" / name)
+    (inputs / "corrupt.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    checkpoints = [run / "checkpoints" / "epoch_000.ckpt", run / "checkpoints" / "last.ckpt"]
+    result = run_script(
+        "predict.py",
+        f"ckpt_path=[{','.join(map(str, checkpoints))}]",
+        f"input={inputs}",
+        f"output={tmp_path / 'out'}",
+        f"paths.root_dir={tmp_path}",
+        "prediction.mirror_axes=[0]",
+        "save_probabilities=true",
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "1 of 3 input(s) could not be predicted" in output
+    assert f"{inputs / 'corrupt.nii.gz'}: cannot be read as an image" in output
+    assert "Traceback" not in output
+    written = sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz"))
+    assert written == ["phantom_000.nii.gz", "phantom_001.nii.gz"]
+    label = nib.load(tmp_path / "out" / "phantom_000.nii.gz")
+    source = nib.load(phantom_root / "imagesTr" / "phantom_000.nii.gz")
+    np.testing.assert_array_equal(label.affine, source.affine)
+    assert set(np.unique(np.asanyarray(label.dataobj))) <= {0, 1, 2}
+    assert nib.load(tmp_path / "out" / "probabilities" / "phantom_000.nii.gz").shape == (
+        *source.shape,
+        3,
+    )
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):

@@ -1,4 +1,4 @@
-"""Hydra entry points (`python src/train.py`, `medseg-train`, ...).
+"""Hydra entry points (`python src/train.py`, `medseg-train`, `medseg-predict`, ...).
 
 Errors caused by the user's input (MedsegError, or a config that cannot be instantiated)
 are printed as one message and exit with status 1 instead of a traceback.
@@ -79,3 +79,8 @@ def train(cfg: DictConfig) -> float | None:
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
 def evaluate(cfg: DictConfig) -> float | None:
     return run_task(pipeline.evaluate, cfg)
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="predict")
+def predict(cfg: DictConfig) -> float | None:
+    return run_task(pipeline.predict, cfg)

@@ -1,41 +1,66 @@
-"""Sliding-window inference with Gaussian importance weighting.
+"""Sliding-window inference with Gaussian importance weighting, and the one function that
+turns a volume into class probabilities (ensembles, test-time mirroring, Monte-Carlo dropout).
 
 Written by hand rather than with TorchIO's GridSampler/GridAggregator: TorchIO offers no
 Gaussian weighting and goes through a Subject and a DataLoader per window, which costs
 more than the network on small windows. Here windows are cut by slicing, run in batches
-and accumulated in place.
+and accumulated in place (``scripts/bench_inference.py`` compares it with MONAI's).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from medseg.errors import ConfigError
+
+if TYPE_CHECKING:
+    from medseg.module import SegmentationModule
+
+# Lightning's precision names (as in `trainer.precision`) -> autocast dtype (None: off).
+AUTOCAST_DTYPES = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
 def window_starts(size: int, window: int, overlap: float) -> list[int]:
-    """Evenly spaced window starts covering [0, size) with at least `overlap` overlap."""
+    """Evenly spaced window starts covering [0, size) with at least `overlap` overlap.
+
+    The layout is mirror-symmetric (start s <-> size - window - s), so predicting a flipped
+    volume and flipping back sees the same windows: test-time mirroring stays exact.
+    """
     if size <= window:
         return [0]
-    step = window * (1 - overlap)
-    count = math.ceil((size - window) / step) + 1
-    return [round(i * (size - window) / (count - 1)) for i in range(count)]
+    span = size - window
+    count = math.ceil(span / (window * (1 - overlap))) + 1
+    if count % 2 and span % 2:
+        count += 1  # an odd span has no integer middle start: use an even count instead
+    half = [math.floor(i * span / (count - 1) + 0.5) for i in range(count // 2)]
+    middle = [span // 2] if count % 2 else []
+    return half + middle + [span - s for s in reversed(half)]
 
 
 @lru_cache(maxsize=8)
 def gaussian_importance(window: tuple[int, ...], sigma_scale: float = 0.125) -> torch.Tensor:
-    """Separable Gaussian centred on the window, max 1, strictly positive everywhere."""
+    """Separable Gaussian centred on the window (sigma = window / 8), floored at 1e-3.
+
+    The same map as MONAI's ``compute_importance_map`` (1 at the centre voxel of odd sizes,
+    not rescaled): the floor is absolute, so matching MONAI's scale keeps both blends equal.
+    The floor keeps the blending normalizer well conditioned where a voxel is seen only by
+    window corners, also in reduced precision.
+    """
     weights = torch.ones(())
     for size in window:
         coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
         axis = torch.exp(-0.5 * (coords / (size * sigma_scale)) ** 2)
         weights = weights.unsqueeze(-1) * axis
-    weights = weights / weights.max()
-    return weights.clamp_min(weights[weights > 0].min()).float()
+    return weights.clamp_min(1e-3).float()
 
 
 def sliding_window_inference(
@@ -101,3 +126,76 @@ def sliding_window_inference(
         crop = tuple(slice(p // 2, p // 2 + s) for p, s in zip(padding, spatial, strict=True))
         output = output[(..., *crop)]
     return output
+
+
+@contextlib.contextmanager
+def active_dropout(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Dropout layers in training mode (sampling), everything else as it was."""
+    layers = [m for module in modules for m in module.modules() if isinstance(m, nn.Dropout)]
+    if not any(layer.p > 0 for layer in layers):
+        raise ConfigError(
+            "mc_dropout_samples > 0 needs a network trained with dropout (model.dropout > 0); "
+            "this checkpoint has none"
+        )
+    modes = [layer.training for layer in layers]
+    try:
+        for layer in layers:
+            layer.train()
+        yield
+    finally:
+        for layer, mode in zip(layers, modes, strict=True):
+            layer.train(mode)
+
+
+def mirror_flips(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every subset of the mirrored spatial axes (the empty one is the plain prediction)."""
+    axes = sorted(set(int(a) for a in mirror_axes))
+    if any(a not in (0, 1, 2) for a in axes):
+        raise ConfigError(f"mirror_axes must be spatial axes among [0, 1, 2], got {list(axes)}")
+    return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
+
+
+def predict_probabilities(
+    modules: Sequence[SegmentationModule],
+    image: torch.Tensor,
+    spacing: Sequence[float],
+    mirror_axes: Sequence[int] = (),
+    mc_dropout_samples: int = 0,
+    precision: str = "32-true",
+) -> torch.Tensor:
+    """Mean class probabilities [1, K, *spatial] of one preprocessed volume [1, C, *spatial]
+    with voxel size `spacing` (mm).
+
+    Averages the composed probabilities over the ensemble members, the mirrored copies of the volume
+    (every subset of `mirror_axes`, flipped back) and, with ``mc_dropout_samples > 0``, that many
+    passes with dropout active. Every pass goes through ``module.predict_volume``, the
+    module's single whole-volume entry point, so whatever it composes (one network, a
+    cascade) is ensembled, mirrored and sampled alike.
+    """
+    if precision not in AUTOCAST_DTYPES:
+        raise ConfigError(f"precision must be one of {list(AUTOCAST_DTYPES)}, got {precision!r}")
+    if (
+        isinstance(mc_dropout_samples, bool)
+        or not isinstance(mc_dropout_samples, int)
+        or mc_dropout_samples < 0
+    ):
+        raise ConfigError(f"mc_dropout_samples must be an integer >= 0, got {mc_dropout_samples!r}")
+    flips = mirror_flips(mirror_axes)
+    dtype = AUTOCAST_DTYPES[precision]
+    sampling = active_dropout(modules) if mc_dropout_samples else contextlib.nullcontext()
+    total: torch.Tensor | None = None
+    count = 0
+    with torch.no_grad(), sampling:
+        for module in modules:
+            for flip in flips:
+                dims = [axis + 2 for axis in flip]
+                flipped = image.flip(dims) if dims else image
+                for _ in range(max(mc_dropout_samples, 1)):
+                    with torch.autocast(image.device.type, dtype=dtype, enabled=dtype is not None):
+                        prediction = module.predict_volume(flipped, spacing)
+                    probabilities = prediction.probabilities.float()
+                    probabilities = probabilities.flip(dims) if dims else probabilities
+                    total = probabilities if total is None else total.add_(probabilities)
+                    count += 1
+    assert total is not None, "predict_probabilities needs at least one module"
+    return total.div_(count)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -24,7 +23,6 @@ from torchmetrics.segmentation import DiceScore
 from medseg.errors import ConfigError, DataError
 from medseg.inference import sliding_window_inference
 from medseg.losses import deep_supervision_loss
-from medseg.metrics import case_metrics
 from medseg.models.cascade import CascadePrediction, predict_cascade
 from medseg.models.unet import ResidualSEUNet
 from medseg.stages import Cascade, Finetune, StageSpec, build_cascade, parse_stage
@@ -107,10 +105,8 @@ class SegmentationModule(L.LightningModule):
             lut = _lookup(self.cascade.stage_values(stage))
             self.register_buffer(f"lut_{stage.name}", lut, persistent=False)
         self.multi_stage = len(self.cascade.stages) > 1
-        self.metrics = nn.ModuleDict(
-            {split: self._dice_metrics() for split in ("val_metrics", "test_metrics")}
-        )
-        self.test_rows: list[dict] = []
+        # Test-split metrics are scored by medseg.evaluation in each case's original geometry.
+        self.metrics = nn.ModuleDict({"val_metrics": self._dice_metrics()})
 
     # -- building blocks -------------------------------------------------------------------
 
@@ -275,24 +271,6 @@ class SegmentationModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate_volume(batch, "val")
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        prediction = self._evaluate_volume(batch, "test")
-        spacing = batch["spacing"][0]
-        target = self.composed_target(batch["label"])[0, 0]
-        row = {"case_id": batch["case_id"][0]}
-        row |= case_metrics(prediction.labels[0], target, self.class_names, spacing)
-        if self.multi_stage:
-            for stage in self.cascade.stages:
-                names = ["background", *stage.classes]
-                stage_target = self.stage_target(stage, batch["label"])[0, 0]
-                stage_row = case_metrics(
-                    prediction.stage_labels[stage.name][0], stage_target, names, spacing
-                )
-                row |= {
-                    f"{stage.name}/{k}": v for k, v in stage_row.items() if k.startswith("dice")
-                }
-        self.test_rows.append(row)
-
     def _log_dice(self, split: str) -> None:
         metrics = self.metrics[f"{split}_metrics"]
         for key, metric in metrics.items():
@@ -310,17 +288,6 @@ class SegmentationModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_dice("val")
-
-    def on_test_epoch_start(self) -> None:
-        self.test_rows = []
-
-    def on_test_epoch_end(self) -> None:
-        self._log_dice("test")
-        if dist.is_available() and dist.is_initialized():
-            gathered: list[list[dict]] = [[] for _ in range(dist.get_world_size())]
-            dist.all_gather_object(gathered, self.test_rows)
-            self.test_rows = [row for rows in gathered for row in rows]
-        self.test_rows.sort(key=lambda row: row["case_id"])
 
 
 def _dice(num_classes: int) -> DiceScore:

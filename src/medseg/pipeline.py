@@ -1,32 +1,35 @@
-"""Train and evaluate as plain functions of a composed config (no Hydra needed to call them)."""
+"""Train, evaluate and predict as plain functions of a composed config (no Hydra needed)."""
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
-import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from medseg import plots
+from medseg.data.cases import Case, _parse_labels, validate_cases
 from medseg.errors import ConfigError, DataError
+from medseg.evaluation import ScoringPair, pair_folders, score_pairs, write_reports
 from medseg.module import SegmentationModule, build_module
-from medseg.reports import summarize, write_case_csv, write_summary_json
+from medseg.prediction import Predictor, find_input_cases, load_checkpoint, predict_cases
 from medseg.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from medseg.utils.io import atomic_write_text
-from medseg.utils.rich_utils import print_metric_table
 
 log = logging.getLogger(__name__)
-
-SUMMARY_COLUMNS = ("mean", "std", "median", "min", "max", "n")
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the model, test the best checkpoint, and return the final metrics.
 
-    Writes into ``cfg.paths.output_dir``: the resolved config, logs, checkpoints and the
-    test split's per-case metrics (``test_metrics.csv``) and summary (``test_summary.json``).
+    Writes into ``cfg.paths.output_dir``: the resolved config, logs, checkpoints, training
+    curves and the test split's report (see :func:`test_modules`), whose means are also
+    logged as ``test/<metric>_<class>``.
     """
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
@@ -58,57 +61,169 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("train", True):
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = _floats(trainer.callback_metrics)
+    if not trainer.is_global_zero:
+        return metrics
+    _plot_training_curves(trainer, output_dir)
     if cfg.get("test", True):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if not best:
             log.warning("no best checkpoint was saved: testing the current weights")
-        trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
-        metrics |= _floats(trainer.callback_metrics)
-        _report(module, output_dir, "test", checkpoint=best or None)
+        test_cases = [datamodule.dataset.case(i) for i in datamodule.split.test]
+        test_metrics = test_modules(
+            [load_checkpoint(best) if best else module.eval()],
+            test_cases,
+            cfg,
+            checkpoints=[best] if best else [],
+        )
+        for logger in trainer.loggers:
+            logger.log_metrics(test_metrics, step=trainer.global_step)
+            logger.save()
+        metrics |= test_metrics
     return metrics
+
+
+def test_modules(
+    modules: Sequence[SegmentationModule],
+    cases: Sequence[Case],
+    cfg: DictConfig,
+    checkpoints: Sequence[str],
+) -> dict[str, float]:
+    """Predict labelled cases into ``<output_dir>/predictions``, score them in their own
+    geometry and write the ``test`` report; returns ``test/<metric>_<class>`` means."""
+    output_dir = Path(cfg.paths.output_dir)
+    predictor = Predictor(modules, **OmegaConf.to_container(cfg.prediction, resolve=True))
+    run = predict_cases(predictor, cases, output_dir / "predictions")
+    if run.failures:
+        raise DataError("\n".join(run.failures))
+    pairs = [
+        ScoringPair(c.case_id, run.written[c.case_id], c.label, c.images[0], c.label_masks)
+        for c in cases
+    ]
+    cascade = modules[0].cascade
+    tolerance = cfg.evaluation.nsd_tolerance_mm
+    evaluation = score_pairs(pairs, cascade.class_names, cascade.composed_values(), tolerance)
+    if len(cascade.stages) > 1:  # each stage's own classes, regrouped from the composed map
+        for stage in cascade.stages:
+            names = ["background", *stage.classes]
+            stage_rows = score_pairs(pairs, names, cascade.stage_values(stage), tolerance).rows
+            for row, stage_row in zip(evaluation.rows, stage_rows, strict=True):
+                row |= {
+                    f"{stage.name}/{k}": v for k, v in stage_row.items() if k.startswith("dice_")
+                }
+    details = {
+        "checkpoints": [str(c) for c in checkpoints],
+        "predictions": str(output_dir / "predictions"),
+        "nsd_tolerance_mm": cfg.evaluation.nsd_tolerance_mm,
+    }
+    return write_reports(evaluation, pairs, output_dir, "test", details, cfg.evaluation.worst_cases)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Evaluate a checkpoint on the test split of ``cfg.data``.
+    """Score a checkpoint (or an ensemble) on the test split of ``cfg.data``, or a folder of
+    predictions against a folder of labels (``pred_dir``, ``label_dir``).
 
-    The checkpoint's own preprocessing is used (the network only works on data prepared
-    the way it was trained), whatever ``cfg.data.preprocess`` says.
+    With a checkpoint, its own preprocessing is used (the network only works on data
+    prepared the way it was trained), whatever ``cfg.data.preprocess`` says.
     """
-    ckpt_path = Path(cfg.ckpt_path).expanduser()
-    if not ckpt_path.is_file():
-        raise DataError(f"ckpt_path: checkpoint {ckpt_path} does not exist")
-    module = SegmentationModule.load_from_checkpoint(ckpt_path, map_location="cpu")
-    datamodule = instantiate(cfg.data, preprocess=module.hparams.preprocess)
-    if datamodule.dataset.labels != module.hparams.dataset_labels:
+    paths = _checkpoint_paths(cfg.get("ckpt_path"))
+    if bool(paths) == bool(cfg.get("pred_dir")):
         raise ConfigError(
-            f"the checkpoint was trained on labels {module.hparams.dataset_labels}, but "
+            "eval needs either ckpt_path=<checkpoint> (scores its test split) or "
+            "pred_dir=<folder> label_dir=<folder> (scores predictions), not both"
+        )
+    if not paths:
+        return _evaluate_folders(cfg)
+    modules = [load_checkpoint(p) for p in paths]
+    datamodule = instantiate(cfg.data, preprocess=modules[0].hparams.preprocess)
+    if datamodule.dataset.labels != modules[0].hparams.dataset_labels:
+        raise ConfigError(
+            f"the checkpoint was trained on labels {modules[0].hparams.dataset_labels}, but "
             f"{datamodule.dataset.root} declares {datamodule.dataset.labels}"
         )
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=instantiate_callbacks(cfg.get("callbacks")), logger=False
+    validate_cases(datamodule.dataset)
+    cases = [datamodule.dataset.case(i) for i in datamodule.split.test]
+    return test_modules(modules, cases, cfg, checkpoints=[str(p) for p in paths])
+
+
+def _evaluate_folders(cfg: DictConfig) -> dict[str, float]:
+    if not cfg.get("label_dir"):
+        raise ConfigError("label_dir: the folder of reference labels is needed with pred_dir")
+    label_dir = Path(cfg.label_dir).expanduser()
+    pairs = pair_folders(Path(cfg.pred_dir).expanduser(), label_dir, cfg.get("image_dir"))
+    labels = _folder_labels(cfg.get("labels"), label_dir)
+    evaluation = score_pairs(
+        pairs,
+        list(labels.values()),
+        {value: index for index, value in enumerate(labels)},
+        cfg.evaluation.nsd_tolerance_mm,
     )
-    trainer.test(module, datamodule=datamodule)
-    metrics = _floats(trainer.callback_metrics)
-    _report(module, Path(cfg.paths.output_dir), "test", checkpoint=str(ckpt_path))
-    return metrics
-
-
-def _report(module: SegmentationModule, output_dir: Path, split: str, checkpoint: str | None):
-    rows = module.test_rows
-    names = module.class_names[1:]
-    csv_path = write_case_csv(rows, output_dir / f"{split}_metrics.csv")
-    dice = summarize(rows, "dice", names)
-    summary = {
-        "checkpoint": checkpoint,
-        "split": split,
-        "num_cases": len(rows),
-        "cases": [row["case_id"] for row in rows],
-        "dice": dice,
-        "dice_mean": float(torch.tensor([s["mean"] for s in dice.values()]).nanmean()),
+    details = {
+        "predictions": str(cfg.pred_dir),
+        "labels": str(label_dir),
+        "nsd_tolerance_mm": cfg.evaluation.nsd_tolerance_mm,
     }
-    json_path = write_summary_json(summary, output_dir / f"{split}_summary.json")
-    print_metric_table(f"{split} Dice per class ({len(rows)} cases)", dice, SUMMARY_COLUMNS)
-    log.info("per-case metrics: %s; summary: %s", csv_path, json_path)
+    return write_reports(
+        evaluation, pairs, Path(cfg.paths.output_dir), "test", details, cfg.evaluation.worst_cases
+    )
+
+
+def _folder_labels(labels: DictConfig | None, label_dir: Path) -> dict[int, str]:
+    """The declared label map, else the one in dataset.json beside `label_dir` (MSD layout)."""
+    meta_path = label_dir.parent / "dataset.json"
+    if labels is None:
+        if not meta_path.is_file():
+            raise ConfigError(
+                f"labels: declare the label map (labels={{0: background, 1: liver}}) or put "
+                f"a dataset.json beside {label_dir}"
+            )
+        try:
+            labels = json.loads(meta_path.read_text()).get("labels")
+        except (OSError, json.JSONDecodeError) as error:
+            raise DataError(f"{meta_path}: cannot read dataset.json ({error})") from error
+    else:
+        labels = OmegaConf.to_container(labels)
+    return _parse_labels(labels, meta_path)
+
+
+def predict(cfg: DictConfig) -> dict[str, float]:
+    """Predict a file or folder of images with a checkpoint (or an ensemble) into ``output``.
+
+    Every input that can be read is predicted; the ones that cannot are listed in one
+    DataError at the end.
+    """
+    paths = _checkpoint_paths(cfg.ckpt_path)
+    if not paths:
+        raise ConfigError("ckpt_path: a checkpoint (or a list of them) is needed")
+    modules = [load_checkpoint(p) for p in paths]
+    predictor = Predictor(modules, **OmegaConf.to_container(cfg.prediction, resolve=True))
+    cases = find_input_cases(cfg.input)
+    output = Path(cfg.output).expanduser()
+    run = predict_cases(predictor, cases, output, save_probabilities=cfg.save_probabilities)
+    log.info("predicted %d of %d case(s) into %s", len(run.written), len(cases), output)
+    if run.failures:
+        problems = "\n".join(f"  - {failure}" for failure in run.failures)
+        raise DataError(
+            f"{len(run.failures)} of {len(cases)} input(s) could not be predicted (the others "
+            f"were written to {output}):\n{problems}"
+        )
+    return {"predicted_cases": float(len(run.written))}
+
+
+def _checkpoint_paths(value: str | Sequence[str] | None) -> list[Path]:
+    if value is None:
+        return []
+    items = list(value) if isinstance(value, ListConfig | list | tuple) else [value]
+    return [Path(str(item)).expanduser() for item in items]
+
+
+def _plot_training_curves(trainer: L.Trainer, output_dir: Path) -> None:
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger):
+            logger.save()
+            metrics_csv = Path(logger.log_dir) / "metrics.csv"
+            if metrics_csv.is_file():
+                figure = plots.training_curves(metrics_csv)
+                plots.save_figure(figure, output_dir / "plots" / "training_curves.png")
 
 
 def _floats(metrics: dict) -> dict[str, float]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,21 +202,30 @@ def _match(folder: Path, pattern: str) -> Path:
     return found[0] if len(found) == 1 else folder / pattern
 
 
-def _scan_cases(root: Path, file_ending: str | None) -> list[Case]:
-    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
-    if not images_dir.is_dir():
-        raise DataError(f"{root}: no imagesTr/ folder and no dataset.json training list")
-    endings = (file_ending,) if file_ending else NIFTI_SUFFIXES
+def group_case_files(
+    paths: Iterable[Path], endings: Sequence[str] = NIFTI_SUFFIXES
+) -> dict[str, list[Path]]:
+    """Image files by case id, sorted: nnU-Net's ``<case>_NNNN`` files are the channels of
+    ``<case>``; any other name is a case of its own. Hidden files and other endings are left out.
+    """
     by_case: dict[str, list[Path]] = {}
-    for path in sorted(images_dir.iterdir()):
+    for path in sorted(paths):
         ending = next((e for e in endings if path.name.endswith(e)), None)
         if ending is None or path.name.startswith("."):
             continue
         stem = path.name[: -len(ending)]
         match = _CHANNEL_SUFFIX.match(stem)
         by_case.setdefault(match["case"] if match else stem, []).append(path)
+    return dict(sorted(by_case.items()))
+
+
+def _scan_cases(root: Path, file_ending: str | None) -> list[Case]:
+    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+    if not images_dir.is_dir():
+        raise DataError(f"{root}: no imagesTr/ folder and no dataset.json training list")
+    endings = (file_ending,) if file_ending else NIFTI_SUFFIXES
     cases = []
-    for case_id, images in sorted(by_case.items()):
+    for case_id, images in group_case_files(images_dir.iterdir(), endings).items():
         label = next(
             (
                 labels_dir / f"{case_id}{e}"

@@ -68,6 +68,8 @@ class ResidualBlock(nn.Module):
 
     Two 3x3 convolutions; the skip path downsamples by average pooling then a 1x1
     convolution when the shape changes (the "ResNet-D" skip used by nnU-Net's ResEnc).
+    With ``dropout > 0``, element-wise dropout between the two convolutions (as in wide
+    ResNets), which Monte-Carlo dropout keeps active at inference.
     """
 
     def __init__(
@@ -78,9 +80,11 @@ class ResidualBlock(nn.Module):
         stride: Stride = 1,
         se: bool = True,
         se_ratio: float = 0.25,
+        dropout: float = 0.0,
     ):
         super().__init__()
         self.conv1 = ConvNormAct(dims, in_channels, out_channels, stride)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = nn.Sequential(
             conv(dims, out_channels, out_channels), instance_norm(dims, out_channels)
         )
@@ -94,7 +98,7 @@ class ResidualBlock(nn.Module):
         self.act = nn.LeakyReLU(0.01, inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.se(self.conv2(self.conv1(x))) + self.skip(x))
+        return self.act(self.se(self.conv2(self.dropout(self.conv1(x)))) + self.skip(x))
 
 
 def _any_stride(stride: Stride) -> bool:

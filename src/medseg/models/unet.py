@@ -36,6 +36,8 @@ class ResidualSEUNet(nn.Module):
         se_ratio: hidden size of the excitation MLP relative to the channels.
         deep_supervision: in training mode, return logits at every decoder level
             (full resolution first); in eval mode only the full-resolution logits.
+        dropout: dropout probability inside every residual block (0 disables it; needed
+            > 0 for Monte-Carlo dropout uncertainty at inference).
     """
 
     def __init__(
@@ -53,9 +55,16 @@ class ResidualSEUNet(nn.Module):
         se: bool = True,
         se_ratio: float = 0.25,
         deep_supervision: bool = True,
+        dropout: float = 0.0,
     ):
         super().__init__()
         _check_choice("model.dims", dims, (2, 3))
+        if (
+            isinstance(dropout, bool)
+            or not isinstance(dropout, int | float)
+            or not 0 <= dropout < 1
+        ):
+            raise ConfigError(f"model.dropout must be a number in [0, 1), got {dropout!r}")
         for key, value in {
             "model.in_channels": in_channels,
             "model.num_classes": num_classes,
@@ -76,9 +85,9 @@ class ResidualSEUNet(nn.Module):
         self.encoder = nn.ModuleList()
         channels = self.features[0]
         for out_channels, stride, n_blocks in zip(self.features, self.strides, blocks, strict=True):
-            stage = [ResidualBlock(dims, channels, out_channels, stride, se, se_ratio)]
+            stage = [ResidualBlock(dims, channels, out_channels, stride, se, se_ratio, dropout)]
             stage += [
-                ResidualBlock(dims, out_channels, out_channels, 1, se, se_ratio)
+                ResidualBlock(dims, out_channels, out_channels, 1, se, se_ratio, dropout)
                 for _ in range(n_blocks - 1)
             ]
             self.encoder.append(nn.Sequential(*stage))

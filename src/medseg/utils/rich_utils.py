@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import rich
 import rich.syntax
@@ -37,14 +37,19 @@ def _format(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.4f}"
 
 
-def print_metric_table(
-    title: str, summary: Mapping[str, Mapping[str, float]], columns: Sequence[str]
-) -> None:
-    """One row per class with the summary statistics named by `columns`."""
+def print_summary_table(title: str, summaries: Mapping[str, Mapping[str, Mapping]]) -> None:
+    """One row per class, one column per metric: ``mean ± std (n)``."""
     table = rich.table.Table(title=title, header_style="bold")
     table.add_column("class")
-    for column in columns:
-        table.add_column(column, justify="right")
-    for name, stats in summary.items():
-        table.add_row(name, *(_format(stats[c]) for c in columns))
+    for metric in summaries:
+        table.add_column(metric, justify="right")
+    classes = list(next(iter(summaries.values()), {}))
+    for name in classes:
+        cells = []
+        for stats in summaries.values():
+            s = stats[name]
+            cells.append(
+                "-" if s["n"] == 0 else f"{_format(s['mean'])} ± {_format(s['std'])} ({s['n']})"
+            )
+        table.add_row(name, *cells)
     rich.print(table)

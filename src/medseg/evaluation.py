@@ -1,0 +1,231 @@
+"""Score label-map files against reference files in their own geometry, and write the reports.
+
+Both `python src/eval.py` modes (a checkpoint on a test split, or a folder of predictions
+against a folder of labels) and the test report of a training run end here, so their
+numbers and files are the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from medseg import plots
+from medseg.data.cases import _affines_match, group_case_files
+from medseg.errors import DataError
+from medseg.metrics import METRICS, case_metrics
+from medseg.reports import summarize, write_case_csv, write_summary_json
+from medseg.utils.rich_utils import print_summary_table
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ScoringPair:
+    """A case's predicted label map, its reference, and optionally its image (for pictures)."""
+
+    case_id: str
+    prediction: Path
+    reference: Path
+    image: Path | None = None
+    # (value, mask file): background voxels of the reference inside the mask get `value`
+    label_masks: tuple[tuple[int, Path], ...] = ()
+
+
+@dataclass
+class Evaluation:
+    """Per-case rows and the voxel confusion matrix (reference rows, prediction columns)."""
+
+    rows: list[dict]
+    confusion: np.ndarray
+    class_names: list[str]
+
+    def summary(self, metric: str) -> dict[str, dict]:
+        return summarize(self.rows, metric, self.class_names[1:])
+
+    def mean_metrics(self, prefix: str) -> dict[str, float]:
+        """``<prefix>/<metric>_<class>`` means and ``<prefix>/dice_mean``, as logged."""
+        means = {}
+        for metric in METRICS:
+            for name, stats in self.summary(metric).items():
+                means[f"{prefix}/{metric}_{name}"] = stats["mean"]
+        dice = [s["mean"] for s in self.summary("dice").values() if not math.isnan(s["mean"])]
+        means[f"{prefix}/dice_mean"] = float(np.mean(dice)) if dice else math.nan
+        return means
+
+
+def class_lut(value_to_class: Mapping[int, int]) -> np.ndarray:
+    """Label value -> class index as a lookup array (0 for values not in the map)."""
+    lut = np.zeros(max(value_to_class) + 1, dtype=np.int64)
+    for value, index in value_to_class.items():
+        lut[value] = index
+    return lut
+
+
+def _read_labels(path: Path, what: str) -> tuple[np.ndarray, nib.Nifti1Image]:
+    try:
+        image = nib.load(path)
+        data = np.asanyarray(image.dataobj)
+    except Exception as error:  # nibabel raises many types for unreadable files
+        raise DataError(
+            f"{path}: cannot read the {what} ({type(error).__name__}: {error})"
+        ) from error
+    return (data[..., 0] if data.ndim == 4 and data.shape[3] == 1 else data), image
+
+
+def _to_classes(data: np.ndarray, lut: np.ndarray, path: Path, what: str) -> np.ndarray:
+    unknown = [v for v in np.unique(data).tolist() if v != int(v) or not 0 <= v < len(lut)]
+    if unknown:
+        raise DataError(
+            f"{path}: {what} has label values {unknown[:10]} outside the label map "
+            f"(0..{len(lut) - 1})"
+        )
+    return lut[data.astype(np.int64)]
+
+
+def score_pairs(
+    pairs: Sequence[ScoringPair],
+    class_names: Sequence[str],
+    value_to_class: Mapping[int, int],
+    tolerance_mm: float = 2.0,
+) -> Evaluation:
+    """Score every pair on the reference's voxel grid, in mm.
+
+    Args:
+        pairs: prediction and reference files per case (same shape and affine).
+        class_names: names of the classes scored, background first.
+        value_to_class: every dataset label value -> its class index.
+        tolerance_mm: NSD tolerance.
+    """
+    lut = class_lut(value_to_class)
+    class_names = list(class_names)
+    confusion = np.zeros((len(class_names),) * 2, dtype=np.int64)
+    rows = []
+    for pair in pairs:
+        reference, ref_image = _read_labels(pair.reference, "reference")
+        for value, mask_path in pair.label_masks:  # as the training data merges them
+            mask, _ = _read_labels(mask_path, "merged mask")
+            reference = np.where((reference == 0) & (mask != 0), value, reference)
+        reference = _to_classes(reference, lut, pair.reference, "reference")
+        prediction, pred_image = _read_labels(pair.prediction, "prediction")
+        prediction = _to_classes(prediction, lut, pair.prediction, "prediction")
+        if prediction.shape != reference.shape or not _affines_match(
+            pred_image.affine, ref_image.affine
+        ):
+            raise DataError(
+                f"{pair.prediction}: prediction grid (shape {prediction.shape}) differs from "
+                f"the reference {pair.reference} (shape {reference.shape}) or its affine"
+            )
+        spacing = nib.affines.voxel_sizes(ref_image.affine)
+        row = {"case_id": pair.case_id}
+        row |= case_metrics(prediction, reference, class_names, spacing, tolerance_mm)
+        rows.append(row)
+        flat = reference.ravel() * len(class_names) + prediction.ravel()
+        confusion += np.bincount(flat, minlength=confusion.size).reshape(confusion.shape)
+    return Evaluation(rows, confusion, class_names)
+
+
+def pair_folders(
+    prediction_dir: str | Path, label_dir: str | Path, image_dir: str | Path | None = None
+) -> list[ScoringPair]:
+    """Match ``<case>.nii.gz`` predictions to labels (and images) by case id.
+
+    Every label needs a prediction; predictions without a label are ignored with a warning.
+    """
+    prediction_dir, label_dir = Path(prediction_dir), Path(label_dir)
+    for key, folder in (("pred_dir", prediction_dir), ("label_dir", label_dir)):
+        if not folder.is_dir():
+            raise DataError(f"{key}: folder {folder} does not exist")
+    predictions = _single_files(prediction_dir)
+    references = _single_files(label_dir)
+    images = group_case_files(Path(image_dir).iterdir()) if image_dir else {}
+    if not references:
+        raise DataError(f"label_dir: no NIfTI label maps in {label_dir}")
+    missing = sorted(set(references) - set(predictions))
+    if missing:
+        raise DataError(
+            f"pred_dir: {len(missing)} case(s) of {label_dir} have no prediction in "
+            f"{prediction_dir}: {', '.join(missing)}"
+        )
+    extra = sorted(set(predictions) - set(references))
+    if extra:
+        log.warning("ignoring %d prediction(s) without a label: %s", len(extra), extra)
+    return [
+        ScoringPair(case_id, predictions[case_id], reference, images.get(case_id, [None])[0])
+        for case_id, reference in references.items()
+    ]
+
+
+def _single_files(folder: Path) -> dict[str, Path]:
+    return {case_id: files[0] for case_id, files in group_case_files(folder.iterdir()).items()}
+
+
+def write_reports(
+    evaluation: Evaluation,
+    pairs: Sequence[ScoringPair],
+    output_dir: str | Path,
+    split: str,
+    details: Mapping,
+    worst_cases: int = 3,
+) -> dict[str, float]:
+    """CSV, JSON summary, console table and pictures; returns the means as logged metrics.
+
+    Writes ``<split>_metrics.csv`` (one row per case), ``<split>_summary.json`` (statistics
+    per metric and class, the confusion matrix, and `details`), and under ``plots/``:
+    metric box plots, the confusion matrix and overlays of the `worst_cases` cases with the
+    lowest mean Dice (for cases whose image is known).
+    """
+    output_dir = Path(output_dir)
+    rows = evaluation.rows
+    csv_path = write_case_csv(rows, output_dir / f"{split}_metrics.csv")
+    metrics = evaluation.mean_metrics(split)
+    summary = {
+        **details,
+        "split": split,
+        "num_cases": len(rows),
+        "cases": [row["case_id"] for row in rows],
+        **{metric: evaluation.summary(metric) for metric in METRICS},
+        "dice_mean": metrics[f"{split}/dice_mean"],
+        "confusion_matrix": {
+            "classes": evaluation.class_names,
+            "rows": "reference",
+            "columns": "prediction",
+            "voxels": evaluation.confusion.tolist(),
+        },
+    }
+    json_path = write_summary_json(summary, output_dir / f"{split}_summary.json")
+    print_summary_table(
+        f"{split}: mean ± std over {len(rows)} cases (distances in mm)",
+        {metric: evaluation.summary(metric) for metric in METRICS},
+    )
+    plot_dir = output_dir / "plots"
+    names = evaluation.class_names[1:]
+    plots.save_figure(plots.metric_boxplots(rows, METRICS, names), plot_dir / "metrics.png")
+    plots.save_figure(
+        plots.confusion_matrix(evaluation.confusion, evaluation.class_names),
+        plot_dir / "confusion_matrix.png",
+    )
+    for pair in _worst(evaluation, pairs, worst_cases):
+        figure = plots.case_overlay_from_files(pair.image, pair.reference, pair.prediction)
+        plots.save_figure(figure, plot_dir / f"worst_{pair.case_id}.png")
+    log.info("per-case metrics: %s; summary: %s; pictures: %s", csv_path, json_path, plot_dir)
+    return metrics
+
+
+def _worst(evaluation: Evaluation, pairs: Sequence[ScoringPair], count: int) -> list[ScoringPair]:
+    """The `count` pairs with an image and the lowest mean Dice (undefined Dice ranks last)."""
+    by_case = {pair.case_id: pair for pair in pairs if pair.image is not None}
+    names = evaluation.class_names[1:]
+
+    def mean_dice(row: dict) -> float:
+        values = [row[f"dice_{n}"] for n in names if not math.isnan(row[f"dice_{n}"])]
+        return float(np.mean(values)) if values else math.inf
+
+    ranked = sorted((r for r in evaluation.rows if r["case_id"] in by_case), key=mean_dice)
+    return [by_case[row["case_id"]] for row in ranked[:count]]

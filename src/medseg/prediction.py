@@ -1,0 +1,297 @@
+"""Predict whole cases in their original geometry and write them as NIfTI.
+
+A case is read as it is on disk, prepared with the preprocessing stored in the checkpoint
+(reorientation, resampling, intensity), turned into class probabilities by
+:func:`medseg.inference.predict_probabilities`, and the probabilities are resampled back onto
+the input's own voxel grid before the argmax. The written label map therefore has the
+input's shape, spacing, orientation and affine, and overlays it exactly in a viewer.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchio as tio
+from rich.progress import Progress
+
+from medseg.data.cases import NIFTI_SUFFIXES, Case, group_case_files
+from medseg.data.preprocess import build_preprocessing
+from medseg.data.subjects import case_to_subject
+from medseg.errors import ConfigError, DataError
+from medseg.inference import predict_probabilities
+from medseg.module import SegmentationModule
+from medseg.utils.io import atomic_save_nifti
+
+log = logging.getLogger(__name__)
+
+# Hyperparameters every member of an ensemble must share.
+ENSEMBLE_KEYS = ("in_channels", "stages", "dataset_labels", "preprocess")
+
+
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> SegmentationModule:
+    """The module saved in a checkpoint, in eval mode: every reader of checkpoints uses this."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"ckpt_path: checkpoint {path} does not exist")
+    try:
+        module = SegmentationModule.load_from_checkpoint(path, map_location=map_location)
+    except Exception as error:  # torch and Lightning raise many types for foreign files
+        raise DataError(
+            f"{path}: cannot be loaded as a medseg checkpoint ({type(error).__name__}: {error})"
+        ) from error
+    return module.eval()
+
+
+def find_input_cases(path: str | Path) -> list[Case]:
+    """The cases of a NIfTI file or of a folder of them (``<case>_NNNN`` files are channels)."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return [Case(case_id, tuple(files)) for case_id, files in group_case_files([path]).items()]
+    if not path.is_dir():
+        raise DataError(f"input: {path} does not exist")
+    entries = [p for p in path.iterdir() if p.is_file()]
+    grouped = group_case_files(entries)
+    skipped = sorted(
+        p.name
+        for p in entries
+        if not p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith(".")
+    )
+    if skipped:
+        log.warning("input: skipping %d non-NIfTI file(s) in %s: %s", len(skipped), path, skipped)
+    if not grouped:
+        raise DataError(f"input: no NIfTI images (.nii, .nii.gz) in {path}")
+    return [Case(case_id, tuple(files)) for case_id, files in grouped.items()]
+
+
+def resample_to_grid(
+    volume: torch.Tensor,
+    source_affine: np.ndarray,
+    target_affine: np.ndarray,
+    target_shape: Sequence[int],
+    chunk_voxels: int = 1 << 22,
+) -> torch.Tensor:
+    """Trilinear resampling of [K, *source] onto the voxel grid of another affine and shape.
+
+    Written with ``grid_sample`` rather than TorchIO's ``Resample(target)``: that one goes
+    through SimpleITK channel by channel and fills voxels beyond the source grid with a
+    constant, which for probability maps would invent a class at the border; here the
+    border is replicated and the work stays on the prediction's device. The target is done
+    in slabs of about `chunk_voxels` voxels to bound the memory of the sampling grid.
+    """
+    # voxel index in the target -> world (mm) -> voxel index in the source
+    index_map = torch.as_tensor(
+        np.linalg.inv(source_affine) @ target_affine, dtype=torch.float64, device=volume.device
+    )
+    source_shape = torch.tensor(volume.shape[1:], dtype=torch.float64, device=volume.device)
+    scale = 2 / (source_shape - 1).clamp_min(1)  # align_corners=True: -1 and 1 are end voxels
+    nx, ny, nz = (int(s) for s in target_shape)
+    out = torch.empty((volume.shape[0], nx, ny, nz), dtype=volume.dtype, device=volume.device)
+    rows = max(1, chunk_voxels // (ny * nz))
+    axes = [torch.arange(n, dtype=torch.float64, device=volume.device) for n in (ny, nz)]
+    for start in range(0, nx, rows):
+        xs = torch.arange(start, min(start + rows, nx), dtype=torch.float64, device=volume.device)
+        index = torch.stack(torch.meshgrid(xs, *axes, indexing="ij"), dim=-1)
+        source = index @ index_map[:3, :3].T + index_map[:3, 3]
+        # grid_sample wants (x, y, z) = (last, middle, first) axis of the input
+        grid = (source * scale - 1).flip(-1).to(volume.dtype)
+        out[:, start : start + len(xs)] = F.grid_sample(
+            volume[None], grid[None], mode="bilinear", padding_mode="border", align_corners=True
+        )[0]
+    return out
+
+
+def output_label_values(module: SegmentationModule) -> np.ndarray:
+    """Composed class index -> the dataset label value written for it: the lowest value the
+    class stands for in the composed map (else the lowest its stage assigns to it)."""
+    composed = module.cascade.composed_values()
+    declared = [values for s in module.cascade.stages for values in s.classes.values()]
+    written = [0]
+    for index, values in enumerate(declared, start=1):
+        own = [value for value, klass in composed.items() if klass == index]
+        written.append(min(own or values))
+    return np.array(written)
+
+
+@dataclass
+class CasePrediction:
+    """One case predicted on its original voxel grid (arrays in the input file's voxel order)."""
+
+    case_id: str
+    reference: Path  # the input file whose header and affine the outputs carry
+    labels: np.ndarray  # dataset label values
+    probabilities: np.ndarray  # float32 [*spatial, K]
+    entropy: np.ndarray | None = None  # float32 [*spatial], nats; with MC dropout
+
+
+@dataclass
+class PredictionRun:
+    """What a run over many cases wrote, and which cases failed (one message each)."""
+
+    written: dict[str, Path] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+
+class Predictor:
+    """Predicts cases with one checkpoint or an ensemble of them (probabilities averaged).
+
+    Args:
+        modules: trained modules sharing classes, channels and preprocessing (e.g. folds).
+        mirror_axes: spatial axes of the preprocessed (RAS) volume to mirror at test time;
+            every subset is predicted and averaged.
+        mc_dropout_samples: Monte-Carlo dropout passes (0: off); adds a voxel-wise entropy map.
+        precision: ``32-true``, ``bf16-mixed`` or ``16-mixed`` autocast.
+        device: ``cpu``, ``cuda``, ... or ``auto`` (a GPU when there is one).
+        overlap, batch_size: sliding-window settings; None keeps the checkpoint's.
+    """
+
+    def __init__(
+        self,
+        modules: Sequence[SegmentationModule],
+        mirror_axes: Sequence[int] = (),
+        mc_dropout_samples: int = 0,
+        precision: str = "32-true",
+        device: str = "auto",
+        overlap: float | None = None,
+        batch_size: int | None = None,
+    ):
+        if not modules:
+            raise ConfigError("ckpt_path: at least one checkpoint is needed")
+        first = modules[0].hparams
+        for index, module in enumerate(modules[1:], start=1):
+            for key in ENSEMBLE_KEYS:
+                if module.hparams[key] != first[key]:
+                    raise ConfigError(
+                        f"ckpt_path: checkpoint {index} differs from checkpoint 0 in {key} "
+                        f"({module.hparams[key]} vs {first[key]}); an ensemble needs the same"
+                    )
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        settings = {"overlap": overlap, "batch_size": batch_size}
+        for module in modules:
+            module.to(self.device).eval()
+            module.inference.update({k: v for k, v in settings.items() if v is not None})
+        self.modules = list(modules)
+        self.mirror_axes = tuple(mirror_axes)
+        self.mc_dropout_samples = mc_dropout_samples
+        self.precision = precision
+        self.in_channels = int(first.in_channels)
+        self.class_names = modules[0].class_names
+        self.preprocessing = build_preprocessing(**dict(first.preprocess or {}))
+        self.label_values = output_label_values(modules[0])
+
+    def predict(self, case: Case) -> CasePrediction:
+        """Predict one case; raises DataError naming the file when it cannot be used."""
+        subject = self._load(case)
+        original = subject["image"]
+        prepared = self.preprocessing(subject)["image"]
+        probabilities = predict_probabilities(
+            self.modules,
+            prepared.data[None].float().to(self.device),
+            prepared.spacing,
+            mirror_axes=self.mirror_axes,
+            mc_dropout_samples=self.mc_dropout_samples,
+            precision=self.precision,
+        )[0]
+        probabilities = resample_to_grid(
+            probabilities, prepared.affine, original.affine, original.spatial_shape
+        )
+        labels = self.label_values[probabilities.argmax(0).cpu().numpy()]
+        entropy = None
+        if self.mc_dropout_samples:
+            entropy = -(probabilities * probabilities.clamp_min(1e-12).log()).sum(0)
+            entropy = entropy.cpu().numpy().astype(np.float32)
+        return CasePrediction(
+            case_id=case.case_id,
+            reference=case.images[0],
+            labels=labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.int16),
+            probabilities=np.moveaxis(probabilities.cpu().numpy(), 0, -1).astype(np.float32),
+            entropy=entropy,
+        )
+
+    def _load(self, case: Case) -> tio.Subject:
+        subject = case_to_subject(case)
+        files = ", ".join(str(p) for p in case.images)
+        try:
+            with warnings.catch_warnings():
+                # TorchIO warns before falling back from SimpleITK to nibabel; the error says it
+                warnings.simplefilter("ignore", UserWarning)
+                subject.load()
+        except Exception as error:  # SimpleITK and nibabel raise many types for bad files
+            raise DataError(
+                f"{files}: cannot be read as an image ({type(error).__name__}: {error})"
+            ) from error
+        channels = subject["image"].num_channels
+        if channels != self.in_channels:
+            raise DataError(
+                f"{files}: has {channels} channel(s), the model expects {self.in_channels}"
+            )
+        return subject
+
+
+def write_prediction(
+    prediction: CasePrediction, output_dir: str | Path, save_probabilities: bool = False
+) -> Path:
+    """Write ``<case>.nii.gz`` (and ``probabilities/``, ``entropy/`` maps) with the header and
+    affine of the input file, atomically. Returns the label map's path."""
+    output_dir = Path(output_dir)
+    path = output_dir / f"{prediction.case_id}.nii.gz"
+    atomic_save_nifti(_like(prediction.reference, prediction.labels), path)
+    if save_probabilities:
+        atomic_save_nifti(
+            _like(prediction.reference, prediction.probabilities),
+            output_dir / "probabilities" / path.name,
+        )
+    if prediction.entropy is not None:
+        atomic_save_nifti(
+            _like(prediction.reference, prediction.entropy), output_dir / "entropy" / path.name
+        )
+    return path
+
+
+def _like(reference: Path, data: np.ndarray) -> nib.Nifti1Image:
+    """`data` with the reference file's affine and header (its own dtype, shape, no scaling)."""
+    source = nib.load(reference)
+    image = type(source)(data, source.affine, source.header.copy())
+    image.set_data_dtype(data.dtype)
+    image.header.set_slope_inter(1, 0)
+    image.header["cal_min"] = image.header["cal_max"] = 0
+    return image
+
+
+def predict_cases(
+    predictor: Predictor,
+    cases: Iterable[Case],
+    output_dir: str | Path,
+    save_probabilities: bool = False,
+    progress: bool = True,
+) -> PredictionRun:
+    """Predict and write every case; a case that fails is reported and the others go on."""
+    cases = list(cases)
+    run = PredictionRun()
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("predicting", total=len(cases))
+        for case in cases:
+            bar.update(task, description=f"predicting {case.case_id}")
+            try:
+                prediction = predictor.predict(case)
+            except DataError as error:
+                log.error("%s", error)
+                run.failures.append(str(error))
+            else:
+                run.written[case.case_id] = write_prediction(
+                    prediction, output_dir, save_probabilities
+                )
+                log.info("%s -> %s", case.case_id, run.written[case.case_id])
+            bar.advance(task)
+    return run
