@@ -102,20 +102,24 @@ def test_modules(
     cascade = modules[0].cascade
     tolerance = cfg.evaluation.nsd_tolerance_mm
     evaluation = score_pairs(pairs, cascade.class_names, cascade.composed_values(), tolerance)
+    stage_dice: dict[str, float] = {}
     if len(cascade.stages) > 1:  # each stage's own classes, regrouped from the composed map
         for stage in cascade.stages:
             names = ["background", *stage.classes]
-            stage_rows = score_pairs(pairs, names, cascade.stage_values(stage), tolerance).rows
-            for row, stage_row in zip(evaluation.rows, stage_rows, strict=True):
-                row |= {
-                    f"{stage.name}/{k}": v for k, v in stage_row.items() if k.startswith("dice_")
-                }
+            scored = score_pairs(pairs, names, cascade.stage_values(stage), tolerance)
+            for row, stage_row in zip(evaluation.rows, scored.rows, strict=True):
+                row |= {f"{stage.name}/{k}": v for k, v in stage_row.items() if "dice_" in k}
+            means = scored.mean_metrics(f"test/{stage.name}")
+            stage_dice |= {k: v for k, v in means.items() if "/dice_" in k}
     details = {
         "checkpoints": [str(c) for c in checkpoints],
         "predictions": str(output_dir / "predictions"),
-        "nsd_tolerance_mm": cfg.evaluation.nsd_tolerance_mm,
+        "nsd_tolerance_mm": tolerance,
     }
-    return write_reports(evaluation, pairs, output_dir, "test", details, cfg.evaluation.worst_cases)
+    metrics = write_reports(
+        evaluation, pairs, output_dir, "test", details, cfg.evaluation.worst_cases
+    )
+    return metrics | stage_dice
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
