@@ -31,6 +31,7 @@ from omegaconf import OmegaConf
 
 from medseg.inference import sliding_window_inference, window_starts
 from medseg.models.unet import ResidualSEUNet
+from medseg.module import TRAINING_KEYS
 
 SHAPE = (192, 192, 96)
 WINDOW = (64, 64, 64)
@@ -44,7 +45,7 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 def default_network() -> ResidualSEUNet:
     """The default model's network (its config minus the training-only keys)."""
     config = OmegaConf.to_container(OmegaConf.load(MODEL_CONFIG))
-    network = {k: v for k, v in config.items() if k not in ("defaults", "inference")}
+    network = {k: v for k, v in config.items() if k not in ("defaults", *TRAINING_KEYS)}
     return ResidualSEUNet(1, NUM_CLASSES, **network).eval()
 
 
