@@ -109,17 +109,21 @@ def sliding_window_inference(
     normalizer = torch.zeros(padded, dtype=torch.float32, device=image.device)
     for first in range(0, len(slices), batch_size):
         chunk = slices[first : first + batch_size]
-        batch = torch.cat([image[(..., *sl)] for sl in chunk])
+        # stack, not cat: cat of strided 5D views takes a slow copy path (10x on CPU)
+        batch = torch.stack([image[0][(slice(None), *sl)] for sl in chunk])
         predictions = predictor(batch).float()
         if output is None:
             output = torch.zeros(
                 (1, predictions.shape[1], *padded), dtype=torch.float32, device=image.device
             )
-        if weight is not None:
-            predictions = predictions * weight
         for prediction, sl in zip(predictions, chunk, strict=True):
-            output[(0, slice(None), *sl)] += prediction
-            normalizer[sl] += 1 if weight is None else weight
+            region = output[(0, slice(None), *sl)]
+            if weight is None:
+                region += prediction
+                normalizer[sl] += 1
+            else:
+                region.addcmul_(prediction, weight)
+                normalizer[sl] += weight
     assert output is not None
     output /= normalizer
     if any(padding):
