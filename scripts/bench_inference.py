@@ -5,7 +5,9 @@ Times, in one process on the same volume and network (the default model, resse_u
   - medseg: ``medseg.inference.sliding_window_inference`` (Gaussian blending);
   - monai: ``monai.inferers.sliding_window_inference`` in Gaussian mode (sigma_scale 0.125).
 Methods are interleaved over the repeats so that load from other processes hits them alike;
-the median and the minimum are printed, with the ratios to the floor, the largest difference
+the median and the minimum are printed with the ratios to the floor, then the same ratio
+measured inside each call (total time / time spent in the network; immune to load that
+changes between calls on a shared machine), the largest difference
 between medseg's and MONAI's outputs, and each method's peak resident memory above the
 process's memory before it ran (sampled every millisecond).
 
