@@ -1,5 +1,5 @@
 """Sliding-window inference with Gaussian importance weighting, and the one function that
-turns a volume into class probabilities (ensembles, test-time mirroring, Monte-Carlo dropout).
+predicts a volume with ensembles, test-time mirroring and Monte-Carlo dropout.
 
 Written by hand rather than with TorchIO's GridSampler/GridAggregator: TorchIO offers no
 Gaussian weighting and goes through a Subject and a DataLoader per window, which costs
@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from medseg.errors import ConfigError
+from medseg.models.cascade import CascadePrediction, predict_cascade
+from medseg.stages import StageSpec
 
 if TYPE_CHECKING:
     from medseg.module import SegmentationModule
@@ -159,22 +161,22 @@ def mirror_flips(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
     return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
 
 
-def predict_probabilities(
+def predict_cascade_averaged(
     modules: Sequence[SegmentationModule],
     image: torch.Tensor,
     spacing: Sequence[float],
     mirror_axes: Sequence[int] = (),
     mc_dropout_samples: int = 0,
     precision: str = "32-true",
-) -> torch.Tensor:
-    """Mean class probabilities [1, K, *spatial] of one preprocessed volume [1, C, *spatial]
-    with voxel size `spacing` (mm).
+) -> CascadePrediction:
+    """Composed prediction of one preprocessed volume [1, C, *spatial] with voxel size
+    `spacing` (mm), averaged over an ensemble, test-time mirroring and MC dropout.
 
-    Averages the composed probabilities over the ensemble members, the mirrored copies of the volume
-    (every subset of `mirror_axes`, flipped back) and, with ``mc_dropout_samples > 0``, that many
-    passes with dropout active. Every pass goes through ``module.predict_volume``, the
-    module's single whole-volume entry point, so whatever it composes (one network, a
-    cascade) is ensembled, mirrored and sampled alike.
+    Averaging happens stage by stage: each stage's softmax is the mean over the ensemble
+    members, the mirrored copies of its input (every subset of `mirror_axes`, flipped back)
+    and, with ``mc_dropout_samples > 0``, that many passes with dropout active. A later
+    stage's region and input masks therefore come from the averaged earlier stage, and the
+    cascade decides (thresholds, nesting) once, on the averages.
     """
     if precision not in AUTOCAST_DTYPES:
         raise ConfigError(f"precision must be one of {list(AUTOCAST_DTYPES)}, got {precision!r}")
@@ -184,22 +186,26 @@ def predict_probabilities(
         or mc_dropout_samples < 0
     ):
         raise ConfigError(f"mc_dropout_samples must be an integer >= 0, got {mc_dropout_samples!r}")
+    if not modules:
+        raise ConfigError("an ensemble needs at least one module")
     flips = mirror_flips(mirror_axes)
     dtype = AUTOCAST_DTYPES[precision]
-    sampling = active_dropout(modules) if mc_dropout_samples else contextlib.nullcontext()
-    total: torch.Tensor | None = None
-    count = 0
-    with torch.no_grad(), sampling:
+
+    def averaged(stage: StageSpec, inputs: torch.Tensor) -> torch.Tensor:
+        total: torch.Tensor | None = None
+        count = 0
         for module in modules:
             for flip in flips:
                 dims = [axis + 2 for axis in flip]
-                flipped = image.flip(dims) if dims else image
+                flipped = inputs.flip(dims) if dims else inputs
                 for _ in range(max(mc_dropout_samples, 1)):
-                    with torch.autocast(image.device.type, dtype=dtype, enabled=dtype is not None):
-                        prediction = module.predict_volume(flipped, spacing)
-                    probabilities = prediction.probabilities.float()
+                    with torch.autocast(inputs.device.type, dtype=dtype, enabled=dtype is not None):
+                        probabilities = module.stage_probabilities(stage, flipped).float()
                     probabilities = probabilities.flip(dims) if dims else probabilities
                     total = probabilities if total is None else total.add_(probabilities)
                     count += 1
-    assert total is not None, "predict_probabilities needs at least one module"
-    return total.div_(count)
+        return total.div_(count)
+
+    sampling = active_dropout(modules) if mc_dropout_samples else contextlib.nullcontext()
+    with torch.no_grad(), sampling:
+        return predict_cascade(image, spacing, modules[0].cascade, averaged)

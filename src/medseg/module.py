@@ -141,28 +141,29 @@ class SegmentationModule(L.LightningModule):
         """The first stage's network output (the whole model for a single stage)."""
         return self.nets[self.cascade.stages[0].name](image)
 
+    def stage_probabilities(self, stage: StageSpec, inputs: torch.Tensor) -> torch.Tensor:
+        """One stage's softmax [1, K_s, *spatial] by Gaussian sliding window over `inputs`."""
+        logits = sliding_window_inference(
+            inputs,
+            self.nets[stage.name],
+            window=self.inference["window"],
+            overlap=self.inference["overlap"],
+            batch_size=self.inference["batch_size"],
+            gaussian=self.inference["gaussian"],
+        )
+        return torch.softmax(logits, dim=1)
+
     def predict_volume(
         self, image: torch.Tensor, spacing: Sequence[float] | None = None
     ) -> CascadePrediction:
         """Composed prediction for one preprocessed volume [1, C, *spatial].
 
         Every stage predicts by Gaussian sliding window inside its region; `spacing` (mm)
-        turns region margins into voxels (default 1 mm).
+        turns region margins into voxels (default 1 mm). Ensembles and test-time
+        augmentation: :func:`medseg.inference.predict_cascade_averaged`.
         """
         spacing = [float(s) for s in spacing] if spacing is not None else [1.0] * (image.ndim - 2)
-
-        def stage_probabilities(stage: StageSpec, inputs: torch.Tensor) -> torch.Tensor:
-            logits = sliding_window_inference(
-                inputs,
-                self.nets[stage.name],
-                window=self.inference["window"],
-                overlap=self.inference["overlap"],
-                batch_size=self.inference["batch_size"],
-                gaussian=self.inference["gaussian"],
-            )
-            return torch.softmax(logits, dim=1)
-
-        return predict_cascade(image, spacing, self.cascade, stage_probabilities)
+        return predict_cascade(image, spacing, self.cascade, self.stage_probabilities)
 
     # -- training --------------------------------------------------------------------------
 

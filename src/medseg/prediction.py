@@ -1,10 +1,11 @@
 """Predict whole cases in their original geometry and write them as NIfTI.
 
 A case is read as it is on disk, prepared with the preprocessing stored in the checkpoint
-(reorientation, resampling, intensity), turned into class probabilities by
-:func:`medseg.inference.predict_probabilities`, and the probabilities are resampled back onto
-the input's own voxel grid before the argmax. The written label map therefore has the
-input's shape, spacing, orientation and affine, and overlays it exactly in a viewer.
+(reorientation, resampling, intensity) and predicted stage by stage by
+:func:`medseg.inference.predict_cascade_averaged`; every stage's probabilities are resampled
+back onto the input's own voxel grid and the cascade decides there (thresholds, lesion only
+inside its organ), so the written label map has the input's shape, spacing, orientation and
+affine, and overlays it exactly in a viewer.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from medseg.data.cases import NIFTI_SUFFIXES, Case, group_case_files
 from medseg.data.preprocess import build_preprocessing
 from medseg.data.subjects import case_to_subject
 from medseg.errors import ConfigError, DataError
-from medseg.inference import predict_probabilities
+from medseg.inference import predict_cascade_averaged
+from medseg.models.cascade import compose
 from medseg.module import SegmentationModule
 from medseg.utils.io import atomic_save_nifti
 
@@ -195,18 +197,23 @@ class Predictor:
         subject = self._load(case)
         original = subject["image"]
         prepared = self.preprocessing(subject)["image"]
-        probabilities = predict_probabilities(
+        prediction = predict_cascade_averaged(
             self.modules,
             prepared.data[None].float().to(self.device),
             prepared.spacing,
             mirror_axes=self.mirror_axes,
             mc_dropout_samples=self.mc_dropout_samples,
             precision=self.precision,
-        )[0]
-        probabilities = resample_to_grid(
-            probabilities, prepared.affine, original.affine, original.spatial_shape
         )
-        labels = self.label_values[probabilities.argmax(0).cpu().numpy()]
+        resampled = {
+            name: resample_to_grid(
+                probabilities[0], prepared.affine, original.affine, original.spatial_shape
+            )[None]
+            for name, probabilities in prediction.stage_probabilities.items()
+        }
+        composed = compose(resampled, self.modules[0].cascade)
+        probabilities = composed.probabilities[0]
+        labels = self.label_values[composed.labels[0].cpu().numpy()]
         entropy = None
         if self.mc_dropout_samples:
             entropy = -(probabilities * probabilities.clamp_min(1e-12).log()).sum(0)

@@ -9,7 +9,7 @@ label map in which later stages override earlier ones.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,16 +24,21 @@ StagePredictor = Callable[[StageSpec, torch.Tensor], torch.Tensor]
 class CascadePrediction:
     """Composed output for one volume.
 
-    labels: [1, *spatial] composed class indices (decided by each stage's threshold).
+    labels: [1, *spatial] composed class indices, decided stage by stage (thresholds,
+        lesion only inside its region stage's mask).
     probabilities: [1, K, *spatial] composed class probabilities: a stage's class gets the
         probability mass of its region stage's foreground times the stage's own probability.
     stage_labels: stage name -> [1, *spatial] that stage's own class indices (0 outside its
         foreground).
+    stage_probabilities: stage name -> [1, K_s, *spatial] that stage's softmax (background
+        outside its region); :func:`compose` rebuilds everything else from these, e.g. after
+        resampling them to another grid.
     """
 
     labels: torch.Tensor
     probabilities: torch.Tensor
     stage_labels: dict[str, torch.Tensor]
+    stage_probabilities: dict[str, torch.Tensor]
 
 
 def bounding_box(mask: torch.Tensor, margin: Sequence[int]) -> Box | None:
@@ -92,6 +97,52 @@ def _in_region(
     return paste(predict(stage, crop(inputs, box)), box, shape, background)
 
 
+def _stage_foreground(
+    stage: StageSpec, probabilities: torch.Tensor, masks: Mapping[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stage's decision: foreground [1, *] (inside its region stage's mask) and classes."""
+    foreground, classes = decide(probabilities, stage.threshold)
+    if stage.region is not None:
+        foreground = foreground & masks[stage.region.stage]
+    return foreground, classes
+
+
+def compose(stage_probabilities: Mapping[str, torch.Tensor], cascade: Cascade) -> CascadePrediction:
+    """Decide every stage and compose the label map and class probabilities.
+
+    Later stages override earlier ones; a stage's classes take the probability mass of its
+    region stage's foreground (times its own probability), so probabilities sum to 1.
+    """
+    first = next(iter(stage_probabilities.values()))
+    shape = tuple(first.shape[2:])
+    probabilities = torch.zeros(1, len(cascade.class_names), *shape, device=first.device)
+    probabilities[:, 0] = 1
+    labels = torch.zeros(1, *shape, dtype=torch.long, device=first.device)
+    masks: dict[str, torch.Tensor] = {}
+    stage_labels: dict[str, torch.Tensor] = {}
+    class_values: list[set[int]] = [set()]  # source values of each composed class
+    offset = 1
+    for stage in cascade.stages:
+        stage_probs = stage_probabilities[stage.name]
+        foreground, classes = _stage_foreground(stage, stage_probs, masks)
+        masks[stage.name] = foreground
+        stage_labels[stage.name] = torch.where(foreground, classes, 0)
+        labels[foreground] = offset + classes[foreground] - 1
+        region = cascade.stage(stage.region.stage).values if stage.region else None
+        inside = [
+            i
+            for i, values in enumerate(class_values)
+            if region is None or (values and values <= region)
+        ]
+        mass = probabilities[:, inside].sum(1)
+        probabilities[:, inside] *= stage_probs[:, :1]
+        for j, values in enumerate(stage.classes.values(), start=1):
+            probabilities[:, offset + j - 1] = mass * stage_probs[:, j]
+            class_values.append(set(values))
+        offset += len(stage.classes)
+    return CascadePrediction(labels, probabilities, stage_labels, dict(stage_probabilities))
+
+
 def predict_cascade(
     image: torch.Tensor,
     spacing: Sequence[float],
@@ -105,44 +156,18 @@ def predict_cascade(
         spacing: its voxel size in mm (for region margins).
         stage_probabilities: (stage, inputs [1, C + masks, *box]) -> softmax [1, K_s, *box].
     """
-    shape = tuple(image.shape[2:])
-    num_classes = len(cascade.class_names)
-    probabilities = torch.zeros(1, num_classes, *shape, device=image.device)
-    probabilities[:, 0] = 1
-    labels = torch.zeros(1, *shape, dtype=torch.long, device=image.device)
     masks: dict[str, torch.Tensor] = {}
-    stage_labels: dict[str, torch.Tensor] = {}
-    class_values: list[set[int]] = [set()]  # source values of each composed class
-    offset = 1
+    probabilities: dict[str, torch.Tensor] = {}
     for stage in cascade.stages:
         inputs = torch.cat(
             [image, *(masks[m][:, None].to(image.dtype) for m in stage.input_masks)], 1
         )
-        parent = masks[stage.region.stage] if stage.region else None
-        if parent is None:
+        if stage.region is None:
             stage_probs = stage_probabilities(stage, inputs)
         else:
             margin = margin_voxels(stage.region.margin_mm, spacing)
-            stage_probs = _in_region(
-                stage, inputs, bounding_box(parent[0], margin), stage_probabilities
-            )
-        foreground, classes = decide(stage_probs, stage.threshold)
-        if parent is not None:
-            foreground &= parent
-        masks[stage.name] = foreground
-        stage_labels[stage.name] = torch.where(foreground, classes, 0)
-        labels[foreground] = offset + classes[foreground] - 1
-
-        # Probability mass of the region stage's foreground is split by this stage.
-        inside = [
-            i
-            for i, values in enumerate(class_values)
-            if parent is None or (values and values <= cascade.stage(stage.region.stage).values)
-        ]
-        mass = probabilities[:, inside].sum(1)
-        probabilities[:, inside] *= stage_probs[:, :1]
-        for j, values in enumerate(stage.classes.values(), start=1):
-            probabilities[:, offset + j - 1] = mass * stage_probs[:, j]
-            class_values.append(set(values))
-        offset += len(stage.classes)
-    return CascadePrediction(labels, probabilities, stage_labels)
+            box = bounding_box(masks[stage.region.stage][0], margin)
+            stage_probs = _in_region(stage, inputs, box, stage_probabilities)
+        probabilities[stage.name] = stage_probs
+        masks[stage.name] = _stage_foreground(stage, stage_probs, masks)[0]
+    return compose(probabilities, cascade)
