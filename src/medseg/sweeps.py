@@ -36,7 +36,7 @@ from hydra.types import RunMode
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from medseg.utils.io import atomic_write, atomic_write_text
+from medseg.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -245,14 +245,14 @@ def _config_label(row: Mapping[str, Any], keys: Sequence[str]) -> str:
 
 
 def _plot(summary: SweepSummary, metric: str, path: Path) -> Path:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from medseg.plots import save_figure  # matplotlib: imported only when a plot is drawn
 
     keys = [k for k in summary.varying if k != SEED_KEY]
     labels = [_config_label(row, keys) for row in summary.configs]
-    figure, axes = plt.subplots(figsize=(max(5.0, 1.5 * len(labels) + 2), 4))
+    figure = Figure(figsize=(max(5.0, 1.5 * len(labels) + 2), 4))
+    axes = figure.subplots()
     for x, row in enumerate(summary.configs):
         scores = [
             job.metrics[metric]
@@ -280,9 +280,7 @@ def _plot(summary: SweepSummary, metric: str, path: Path) -> Path:
     axes.set_title(f"{metric} per configuration\n(dots: jobs; bars: mean ± std)", fontsize=10)
     axes.grid(axis="y", alpha=0.3)
     figure.tight_layout()
-    atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=100))
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 class SweepSummaryCallback(Callback):
