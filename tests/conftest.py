@@ -12,6 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from medseg import pipeline
 from medseg.data.phantom import write_phantom_dataset
 from medseg.utils.config import register_resolvers
 
@@ -75,14 +76,25 @@ def compose_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
         return compose(name, overrides=list(overrides))
 
 
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, phantom_root) -> tuple[DictConfig, Path, dict[str, float]]:
+    """One tiny training run shared by the session: (config, run folder, final metrics)."""
+    root = tmp_path_factory.mktemp("train")
+    cfg = compose_config("train", tiny_overrides(root, phantom_root))
+    metrics = pipeline.train(cfg)
+    return cfg, Path(cfg.paths.output_dir), metrics
+
+
 @pytest.fixture
 def tiny_train_cfg(tmp_path, phantom_root) -> DictConfig:
     return compose_config("train", tiny_overrides(tmp_path, phantom_root))
 
 
-def run_script(script: str, *args: str, cwd: Path = REPO, timeout: int = 600):
-    """Run one of src/*.py as a user would; returns the CompletedProcess."""
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+def run_script(
+    script: str, *args: str, cwd: Path = REPO, timeout: int = 600, env: dict | None = None
+):
+    """Run one of src/*.py as a user would (extra environment variables in `env`)."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
     return subprocess.run(
         [sys.executable, str(REPO / "src" / script), *args],
         cwd=cwd,

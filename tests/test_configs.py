@@ -23,6 +23,7 @@ GROUPS = [
     "prediction",
     "evaluation",
     "debug",
+    "hparams_search",
 ]
 OPTIONS = [(group, p.stem) for group in GROUPS for p in sorted((CONFIG_DIR / group).glob("*.yaml"))]
 

@@ -9,22 +9,15 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from omegaconf import OmegaConf
 
 from medseg import pipeline
+from medseg.checkpoints import RUN_CONFIG_KEY, load_checkpoint, load_module
 from medseg.data.splits import split_cases
 from medseg.errors import DataError
 from medseg.metrics import METRICS
-from medseg.module import SegmentationModule
 
 from .conftest import compose_config, run_script, tiny_overrides
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, phantom_root):
-    root = tmp_path_factory.mktemp("train")
-    cfg = compose_config("train", tiny_overrides(root, phantom_root))
-    metrics = pipeline.train(cfg)
-    return cfg, Path(cfg.paths.output_dir), metrics
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -77,9 +70,12 @@ def test_test_split_is_scored_in_the_original_geometry(trained_run, phantom_root
 
 
 def test_checkpoint_is_self_contained(trained_run):
-    _, run, _ = trained_run
-    module = SegmentationModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt")
+    cfg, run, _ = trained_run
+    checkpoint = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert checkpoint[RUN_CONFIG_KEY] == OmegaConf.to_container(cfg, resolve=True)
+    module = load_module(run / "checkpoints" / "last.ckpt")
     assert module.class_names == ["background", "liver", "lesion"]
+    assert module.hparams.dataset_labels == {0: "background", 1: "liver", 2: "lesion"}
     assert module.hparams.preprocess["intensity"] == {"mode": "ct_window", "window": [-160, 240]}
     assert module.hparams.inference["window"] == [32, 32, 16]
     with torch.no_grad():

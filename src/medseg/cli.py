@@ -15,11 +15,15 @@ from pathlib import Path
 import hydra
 import rich
 import rich.markup
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from medseg import pipeline
 from medseg.errors import MedsegError
+from medseg.sweeps import write_job_result
 from medseg.utils.config import register_resolvers
 from medseg.utils.rich_utils import print_config_tree
 
@@ -44,20 +48,41 @@ def _is_user_error(error: BaseException) -> bool:
 
 
 def run_task(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> float | None:
-    """Print the config, run the task, and return the metric named by ``optimized_metric``."""
-    print_config_tree(cfg)
+    """Print the config, run the task, and return the metric named by ``optimized_metric``.
+
+    The run folder gets ``result.json`` (status, final metrics, error). In a multirun, a
+    failed job is logged and re-raised to Hydra, which records it and goes on with the other
+    jobs (the Optuna sweeper marks the trial failed).
+    """
+    if rank_zero_only.rank == 0:
+        print_config_tree(cfg)
+    output_dir = Path(cfg.paths.output_dir)
     try:
         metrics = task(cfg)
     except Exception as error:
-        if not _is_user_error(error) or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        user_error = _is_user_error(error)
+        if rank_zero_only.rank == 0:
+            write_job_result(output_dir, "failed", error=f"{type(error).__name__}: {error}")
+        if user_error:
+            log.error("%s", error)
+            rich.print(f"[bold red]error:[/bold red] {rich.markup.escape(str(error))}")
+        if _in_multirun():
+            if not user_error:
+                log.exception("job failed")
             raise
-        log.error("%s", error)
-        rich.print(f"[bold red]error:[/bold red] {rich.markup.escape(str(error))}")
+        if not user_error or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
         sys.exit(1)
+    if rank_zero_only.rank == 0:
+        write_job_result(output_dir, "completed", metrics)
     name = cfg.get("optimized_metric")
     if name and name not in metrics:
         log.warning("optimized_metric %r was not logged (logged: %s)", name, sorted(metrics))
     return metrics.get(name) if name else None
+
+
+def _in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 class _DropLightningTips(logging.Filter):

@@ -11,3 +11,7 @@ class ConfigError(MedsegError, ValueError):
 
 class DataError(MedsegError):
     """A data file or dataset layout that cannot be used, named by its path."""
+
+
+class TrainingError(MedsegError):
+    """A run that cannot go on (e.g. a non-finite loss), explained in one message."""

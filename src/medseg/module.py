@@ -37,7 +37,7 @@ class SegmentationModule(L.LightningModule):
     """Trains the stages of a cascade on patches and validates the composed result on volumes.
 
     Every argument is a plain value or container, saved as hyperparameters, so a checkpoint
-    rebuilds the module with ``SegmentationModule.load_from_checkpoint(path)`` alone.
+    rebuilds the module with ``medseg.checkpoints.load_module(path)`` alone.
 
     Args:
         network: keyword arguments of :class:`ResidualSEUNet` except the channel counts.
@@ -239,7 +239,9 @@ class SegmentationModule(L.LightningModule):
         path = Path(self.cascade.finetune.ckpt_path).expanduser()
         if not path.is_file():
             raise DataError(f"finetune.ckpt_path: checkpoint {path} does not exist")
-        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        from medseg.checkpoints import load_checkpoint  # it imports this module
+
+        state = load_checkpoint(path)["state_dict"]
         own = self.state_dict()
         mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
         if mismatched:

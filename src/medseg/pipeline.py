@@ -8,16 +8,23 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from medseg import plots
+from medseg import checkpoints, plots
+from medseg.checkpoints import AtomicCheckpointIO, StoreRunConfig, check_compatible
 from medseg.data.cases import Case, _parse_labels, validate_cases
 from medseg.errors import ConfigError, DataError
 from medseg.evaluation import ScoringPair, pair_folders, score_pairs, write_reports
 from medseg.module import SegmentationModule, build_module
 from medseg.prediction import Predictor, find_input_cases, load_checkpoint, predict_cases
+from medseg.training_guards import EpochSeed
 from medseg.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from medseg.utils.io import atomic_write_text
 
@@ -29,11 +36,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     Writes into ``cfg.paths.output_dir``: the resolved config, logs, checkpoints, training
     curves and the test split's report (see :func:`test_modules`), whose means are also
-    logged as ``test/<metric>_<class>``.
+    logged as ``test/<metric>_<class>``. ``ckpt_path`` (or ``resume=true``: this run
+    folder's ``last.ckpt``) continues an interrupted run.
     """
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
-    atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    if rank_zero_only.rank == 0:
+        atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(resolved))
 
     datamodule = instantiate(cfg.data)
     module = build_module(
@@ -53,13 +63,21 @@ def train(cfg: DictConfig) -> dict[str, float]:
         module.cascade,
         OmegaConf.to_container(training_masks, resolve=True) if training_masks else None,
     )
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
     trainer: L.Trainer = instantiate(
         cfg.trainer,
-        callbacks=instantiate_callbacks(cfg.get("callbacks")),
+        callbacks=[*callbacks, EpochSeed(cfg.seed), StoreRunConfig(resolved)],
         logger=instantiate_loggers(cfg.get("logger")) or False,
+        plugins=[AtomicCheckpointIO()],
     )
+    _check_ddp_launch(trainer)
     if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        ckpt_path = _resume_checkpoint(cfg, callbacks)
+        if ckpt_path is not None:
+            saved = checkpoints.load_checkpoint(ckpt_path)
+            check_compatible(saved, dict(module.hparams), ckpt_path)
+            log.info("resuming from %s", ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = _floats(trainer.callback_metrics)
     if not trainer.is_global_zero:
         return metrics
@@ -211,6 +229,53 @@ def predict(cfg: DictConfig) -> dict[str, float]:
             f"were written to {output}):\n{problems}"
         )
     return {"predicted_cases": float(len(run.written))}
+
+
+def _resume_checkpoint(cfg: DictConfig, callbacks: list) -> Path | None:
+    """``ckpt_path``, else with ``resume=true`` the run folder's latest checkpoint if any.
+
+    The latest checkpoint is the one a ModelCheckpoint without a monitored metric keeps
+    (configs/callbacks/last_checkpoint.yaml: ``checkpoints/last.ckpt``).
+    """
+    if cfg.get("ckpt_path"):
+        return Path(cfg.ckpt_path).expanduser()
+    if not cfg.get("resume"):
+        return None
+    latest = [
+        Path(cb.dirpath) / f"{cb.filename}{cb.FILE_EXTENSION}"
+        for cb in callbacks
+        if isinstance(cb, ModelCheckpoint) and cb.monitor is None and cb.dirpath and cb.filename
+    ]
+    if not latest:
+        raise ConfigError(
+            "resume=true needs the last_checkpoint callback (callbacks=default), which keeps "
+            "checkpoints/last.ckpt"
+        )
+    if not latest[0].is_file():
+        log.info("resume=true: no %s yet, starting from scratch", latest[0])
+        return None
+    return latest[0]
+
+
+def _check_ddp_launch(trainer: L.Trainer) -> None:
+    """Refuse DDP that Lightning would launch by re-running the command inside a local sweep.
+
+    Lightning starts ranks 1.. by running ``sys.argv`` again; in a multirun that would start
+    the whole sweep in every child. On SLURM (the submitit launcher), every rank is a task of
+    the job and nothing is re-run.
+    """
+    spawns_children = (
+        isinstance(trainer.strategy, DDPStrategy)
+        and trainer.world_size > 1
+        and not trainer.strategy.cluster_environment.creates_processes_externally
+    )
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if spawns_children and multirun:
+        raise ConfigError(
+            "trainer=ddp with several local devices cannot run inside a local multirun (-m): "
+            "run each configuration on its own, or launch the sweep on SLURM "
+            "(hydra/launcher=slurm), where each rank is a task of the job"
+        )
 
 
 def _checkpoint_paths(value: str | Sequence[str] | None) -> list[Path]:

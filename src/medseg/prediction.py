@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import torchio as tio
 from rich.progress import Progress
 
+from medseg.checkpoints import load_module
 from medseg.data.cases import NIFTI_SUFFIXES, Case, group_case_files
 from medseg.data.preprocess import build_preprocessing
 from medseg.data.subjects import case_to_subject
@@ -41,17 +42,12 @@ ENSEMBLE_KEYS = ("in_channels", "stages", "dataset_labels", "preprocess")
 def load_checkpoint(
     path: str | Path, map_location: str | torch.device = "cpu"
 ) -> SegmentationModule:
-    """The module saved in a checkpoint, in eval mode: every reader of checkpoints uses this."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(f"ckpt_path: checkpoint {path} does not exist")
-    try:
-        module = SegmentationModule.load_from_checkpoint(path, map_location=map_location)
-    except Exception as error:  # torch and Lightning raise many types for foreign files
-        raise DataError(
-            f"{path}: cannot be loaded as a medseg checkpoint ({type(error).__name__}: {error})"
-        ) from error
-    return module.eval()
+    """The module saved in a checkpoint, in eval mode: every reader of checkpoints uses this.
+
+    Read by :func:`medseg.checkpoints.load_module` (``weights_only=True``: a checkpoint with
+    pickled Python objects is refused; missing or corrupt files give a clear error).
+    """
+    return load_module(path).to(map_location)
 
 
 def find_input_cases(path: str | Path) -> list[Case]:

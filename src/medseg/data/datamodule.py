@@ -8,6 +8,7 @@ from functools import cached_property
 from pathlib import Path
 
 import lightning as L
+import torch
 import torchio as tio
 from torch.utils.data import DataLoader
 
@@ -167,7 +168,11 @@ class SegmentationDataModule(L.LightningDataModule):
             len(split.test),
         )
         predicted = self._predicted_mask_paths(split.train)
+        rank, world_size = self._rank_and_world_size()
         for name, ids in (("train", split.train), ("val", split.val), ("test", split.test)):
+            if world_size > 1:
+                ids = rank_share(name, ids, rank, world_size)
+                log.info("rank %d of %d: %s cases %s", rank, world_size, name, ids)
             subjects = [
                 case_to_subject(self.dataset.case(i), predicted.get(i) if name == "train" else None)
                 for i in ids
@@ -198,6 +203,11 @@ class SegmentationDataModule(L.LightningDataModule):
         options = {k: v for k, v in self.training_masks.items() if k != "source"}
         values = {name: sorted(self.cascade.stage(name).values) for name in producers}
         return PerturbedStageMasks(values, **options)
+
+    def _rank_and_world_size(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
 
     def _dataset(self, name: str, augment: bool) -> tio.SubjectsDataset:
         transforms = [] if self.preload else [self.preprocessing]
@@ -237,9 +247,20 @@ class SegmentationDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             shuffle_subjects=True,
             shuffle_patches=True,
+            # Load volumes on the first patch request, not now: its random draws (subject
+            # order, worker seeds) then follow the per-epoch reseed (training_guards.EpochSeed).
+            start_background=False,
         )
-        # The queue's own workers load volumes; patches come out of it in this process.
-        return DataLoader(queue, batch_size=self.batch_size, collate_fn=collate_subjects)
+        # The queue's own workers load volumes; patches come out of it in this process. A
+        # private generator: Lightning creates this loader's iterator before the epoch's
+        # reseed on a fresh or resumed run and after it otherwise, so it must not draw from
+        # the global generator.
+        return DataLoader(
+            queue,
+            batch_size=self.batch_size,
+            collate_fn=collate_subjects,
+            generator=torch.Generator(),
+        )
 
     def _volume_loader(self, name: str) -> DataLoader:
         return DataLoader(
@@ -254,6 +275,26 @@ class SegmentationDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._volume_loader("test")
+
+
+def rank_share(split: str, ids: Sequence[str], rank: int, world_size: int) -> list[str]:
+    """The cases of `split` that process `rank` of `world_size` loads and transforms.
+
+    Every process takes every world_size-th case, so shares are disjoint and only a share is
+    ever preprocessed or held in memory per process. Training shares are topped up with
+    their own first cases to the size of the largest share: DDP needs the same number of
+    steps on every process. Validation and test shares stay exact (every case scored once).
+    """
+    if len(ids) < world_size:
+        raise ConfigError(
+            f"the {split} split has {len(ids)} case(s), fewer than the {world_size} DDP "
+            "processes (trainer.devices x trainer.num_nodes): every process needs one"
+        )
+    share = list(ids[rank::world_size])
+    if split == "train":
+        size = -(-len(ids) // world_size)
+        share += share[: size - len(share)]
+    return share
 
 
 def _positive_ints(key: str, values: Sequence[int], length: int | None = None) -> tuple[int, ...]:

@@ -1,0 +1,162 @@
+"""Checkpoints users can trust.
+
+- Written atomically (:class:`AtomicCheckpointIO`): a full disk or a kill while saving never
+  corrupts the previous file.
+- Self-describing: besides the weights and the module's hyperparameters (label map,
+  preprocessing, network), a checkpoint carries the resolved run config (:class:`StoreRunConfig`).
+- Loaded by :func:`load_checkpoint` only, with ``torch.load(weights_only=True)``: a checkpoint
+  that holds a pickled Python object (which could run code while loading) is refused.
+- Checked against the config it is used with (:func:`check_compatible`): a mismatch names the
+  config keys that differ.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+
+from medseg.errors import ConfigError, DataError
+from medseg.module import SegmentationModule
+from medseg.utils.io import atomic_write
+
+log = logging.getLogger(__name__)
+
+# Checkpoint key of the resolved run config.
+RUN_CONFIG_KEY = "medseg_config"
+
+# Module hyperparameter -> the config key a user sets it with.
+HPARAM_CONFIG_KEYS = {
+    "network": "model",
+    "in_channels": "data (image channels)",
+    "stages": "stage.stages",
+    "dataset_labels": "data.labels",
+    "preprocess": "data.preprocess",
+    "loss": "loss",
+    "optimizer": "model.optimizer",
+    "scheduler": "model.scheduler",
+    "inference": "model.inference",
+    "gradient_clip": "model.gradient_clip",
+    "freeze_earlier": "stage.freeze_earlier",
+    "finetune": "finetune",
+}
+# Hyperparameters that decide what the weights compute and which data they expect: a
+# checkpoint that differs in these cannot be resumed or evaluated under the current config.
+STRUCTURAL_HPARAMS = ("network", "in_channels", "stages", "dataset_labels", "preprocess")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Saves to a temporary file beside the target, then renames it over the target.
+
+    Lightning's own writer serializes to memory first, but then writes the target in place
+    (or moves a file from the system temp folder, a copy across file systems), so running
+    out of disk while writing ``last.ckpt`` destroys the previous ``last.ckpt``.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} does not support storage_options")
+        atomic_write(path, lambda handle: torch.save(checkpoint, handle))
+
+
+class StoreRunConfig(L.Callback):
+    """Adds the resolved run config (plain containers) to every checkpoint."""
+
+    def __init__(self, config: Mapping[str, Any]):
+        self.config = dict(config)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        checkpoint[RUN_CONFIG_KEY] = self.config
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint on the CPU with ``weights_only=True``; every medseg caller uses this.
+
+    Raises:
+        DataError: the file is missing, unreadable, or holds pickled Python objects.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"ckpt_path: checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        what = f" ({found.group(1)})" if found else ""
+        raise DataError(
+            f"{path}: refused to load: the checkpoint contains a pickled Python object{what} "
+            "that could run code while loading. medseg only loads checkpoints made of tensors "
+            "and plain containers (torch.load with weights_only=True); this file was not "
+            "written by medseg or has been tampered with."
+        ) from None
+    except Exception as error:  # torch raises OSError, KeyError, RuntimeError... on bad files
+        raise DataError(
+            f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
+            f"{type(error).__name__}: {error}"
+        ) from None
+    missing = {"state_dict", "hyper_parameters"} - set(checkpoint)
+    if not isinstance(checkpoint, dict) or missing:
+        raise DataError(f"{path}: not a medseg checkpoint (no {', '.join(sorted(missing))})")
+    return checkpoint
+
+
+def load_module(path: str | Path) -> SegmentationModule:
+    """The trained module of a checkpoint file, on the CPU, in eval mode."""
+    checkpoint = load_checkpoint(path)
+    module = SegmentationModule(**checkpoint["hyper_parameters"])
+    module.load_state_dict(checkpoint["state_dict"])
+    return module.eval()
+
+
+def check_compatible(
+    checkpoint: Mapping[str, Any], current: Mapping[str, Any], path: str | Path
+) -> None:
+    """Compare a checkpoint's hyperparameters with those the current config gives.
+
+    Only the hyperparameters in `current` are compared. A difference in a structural one
+    (network, channels, classes, labels, preprocessing) raises a ConfigError naming every
+    differing config key; other differences (loss, optimizer, ...) are logged as warnings.
+    """
+    saved = checkpoint["hyper_parameters"]
+    structural, other = [], []
+    for name, value in current.items():
+        for leaf, theirs, mine in _leaf_differences(saved.get(name), value, ""):
+            line = f"{_config_key(name, leaf)}: checkpoint has {theirs!r}, config has {mine!r}"
+            (structural if name in STRUCTURAL_HPARAMS else other).append(line)
+    if structural:
+        raise ConfigError(
+            f"checkpoint {path} was trained with a different config:\n  " + "\n  ".join(structural)
+        )
+    for line in other:
+        log.warning("checkpoint and config differ: %s", line)
+
+
+def _config_key(hparam: str, leaf: str) -> str:
+    if (hparam, leaf) == ("inference", "window"):
+        return "data.patch_size"
+    base = HPARAM_CONFIG_KEYS.get(hparam, hparam)
+    return f"{base}.{leaf}" if leaf else base
+
+
+def _leaf_differences(saved: Any, current: Any, prefix: str) -> list[tuple[str, Any, Any]]:
+    """(dotted key, saved, current) for every leaf where two nested containers differ."""
+    if isinstance(saved, Mapping) and isinstance(current, Mapping):
+        pairs = [(k, saved.get(k), current.get(k)) for k in dict.fromkeys([*saved, *current])]
+    elif isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
+        pairs = list(zip(range(len(saved)), saved, current, strict=True))
+    else:
+        return [] if saved == current else [(prefix, saved, current)]
+    return [
+        difference
+        for key, theirs, mine in pairs
+        for difference in _leaf_differences(theirs, mine, f"{prefix}.{key}" if prefix else str(key))
+    ]
