@@ -93,10 +93,12 @@ def tiny_train_cfg(tmp_path, phantom_root) -> DictConfig:
 def run_script(
     script: str, *args: str, cwd: Path = REPO, timeout: int = 600, env: dict | None = None
 ):
-    """Run one of src/*.py as a user would (extra environment variables in `env`)."""
+    """Run one of src/*.py (or ``scripts/x.py``) as a user would (extra environment variables
+    in `env`)."""
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
+    path = REPO / script if "/" in script else REPO / "src" / script
     return subprocess.run(
-        [sys.executable, str(REPO / "src" / script), *args],
+        [sys.executable, str(path), *args],
         cwd=cwd,
         env=env,
         capture_output=True,

@@ -60,12 +60,14 @@ def test_there_are_experiments():
 
 
 def experiment_overrides(experiment: str, root: Path, data_root: Path) -> list[str]:
-    """The experiment on the tiny phantom, with patches large enough for a total stride of 32;
-    experiments on real data keep their data (from ../shared/data) with a short trainer."""
+    """The experiment on the tiny phantom, with patches large enough for a total stride of 32
+    (in-plane patches for 2D experiments); experiments on real data keep their data (from
+    ../shared/data) with a short trainer."""
     cfg = compose_config("train", [f"experiment={experiment}", f"paths.root_dir={root}"])
     if "phantom" in cfg.data:
         data = tiny_data_overrides(root, data_root)
-        return [f"experiment={experiment}", *data, "data.patch_size=[64,64,32]"]
+        patch = "[32,32]" if cfg.data.slice_axis is not None else "[64,64,32]"
+        return [f"experiment={experiment}", *data, f"data.patch_size={patch}"]
     real_root = SHARED_DATA / Path(cfg.data.root).name
     if not real_root.is_dir():
         pytest.skip(f"experiment {experiment} needs {real_root}, which is absent")
@@ -96,6 +98,7 @@ def test_experiment_instantiates(experiment, tmp_path, phantom_root):
         datamodule.in_channels,
         datamodule.dataset.labels,
         datamodule.patch_size,
+        slice_axis=datamodule.slice_axis,
     )
     assert module.class_names[0] == "background"
     # Every stage gets epochs within the experiment's own budget.

@@ -9,9 +9,12 @@ import torch
 import torchio as tio
 from scipy import ndimage
 
-from medseg.data.cascade import PerturbedStageMasks, RegionLabelSampler, dilate_mm, erode_mm
+from medseg.data.cascade import PerturbedStageMasks, dilate_mm, erode_mm
 from medseg.data.cases import discover_cases, validate_cases
+from medseg.data.patches import PatchLocator, RegionFilter
+from medseg.data.prepared import PreparedCase
 from medseg.data.preprocess import build_preprocessing
+from medseg.data.scan import case_rng, scan_label
 from medseg.data.subjects import case_to_subject
 from medseg.errors import DataError
 
@@ -98,34 +101,46 @@ def test_dropped_components_disappear():
     assert counts == {0, 1, 2}
 
 
-def test_region_sampler_keeps_patch_centres_inside_the_grown_region():
+HALF_PATCH = np.array([2, 2, 1])  # of the (4, 4, 2) patches below: corner + half = centre
+
+
+def prepared_with_organ(prior: np.ndarray | None = None) -> PreparedCase:
     subject = subject_with_organ()
+    label = subject["label"].data[0].numpy()
+    index = scan_label(label, {0: "bg", 1: "organ", 2: "lesion"}, case_rng("c", "l"), "c")
+    case = PreparedCase("c", subject["image"].data.numpy(), label, subject["label"].affine, index)
+    if prior is not None:
+        case.priors = {"organ": prior}
+    return case
+
+
+def test_region_filter_keeps_patch_centres_inside_the_grown_region():
     prior = np.zeros((24, 24, 12), np.uint8)
     prior[8:12, 8:12, 4:6] = 1
-    subject.add_image(
-        tio.LabelMap(tensor=torch.from_numpy(prior[None]), affine=subject["label"].affine),
-        "prior_organ",
-    )
-    sampler = RegionLabelSampler((4, 4, 2), {0: 1.0, 1: 1.0, 2: 1.0}, "organ", margin_mm=2.0)
-    region = dilate_mm(prior.astype(bool), 2.0, (1.0, 1.0, 2.0))
-    torch.manual_seed(0)
-    for patch in sampler(subject, num_patches=50):
-        i, j, k = patch[tio.LOCATION][:3].tolist()
-        assert region[i + 2, j + 2, k + 1]
+    case = prepared_with_organ(prior)
+    region = RegionFilter("organ", [1, 2], margin_mm=2.0)
+    locator = PatchLocator((4, 4, 2), "label", {0: 1.0, 1: 1.0, 2: 1.0}, region=region)
+    grown = dilate_mm(prior.astype(bool), 2.0, (1.0, 1.0, 2.0))
+    rng = np.random.default_rng(0)
+    centres = [locator.corner(case, rng) + HALF_PATCH for _ in range(200)]
+    assert all(grown[tuple(c)] for c in centres)
+    assert {int(case.label[tuple(c)]) for c in centres} == {1, 2}  # the region is in the organ
+    # Without predictions the region is the stage's ground truth (organ and lesion), grown.
+    truth = prepared_with_organ()
+    grown = dilate_mm(np.isin(truth.label, [1, 2]), 2.0, (1.0, 1.0, 2.0))
+    kept = RegionFilter("organ", [1, 2], margin_mm=2.0).locations(truth)
+    assert all(grown[tuple(c)] for where in kept.values() for c in where)
+    assert len(kept[0]) < len(truth.index.locations[0])
 
 
-def test_region_sampler_falls_back_when_the_region_is_empty():
-    subject = subject_with_organ()
-    subject.add_image(
-        tio.LabelMap(
-            tensor=torch.zeros(1, 24, 24, 12, dtype=torch.uint8), affine=subject["label"].affine
-        ),
-        "prior_organ",
-    )
-    sampler = RegionLabelSampler((4, 4, 2), {2: 1.0}, "organ", margin_mm=2.0)
-    torch.manual_seed(0)
-    for patch in sampler(subject, num_patches=10):
-        assert patch["label"].data[0, 2, 2, 1] == 2
+def test_region_filter_falls_back_when_the_region_is_empty():
+    case = prepared_with_organ(np.zeros((24, 24, 12), np.uint8))
+    region = RegionFilter("organ", [1, 2], margin_mm=2.0)
+    assert region.locations(case) is case.index.locations
+    locator = PatchLocator((4, 4, 2), "label", {2: 1.0}, region=region)
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        assert case.label[tuple(locator.corner(case, rng) + HALF_PATCH)] == 2
 
 
 def test_cascade_batches_carry_perturbed_masks_and_regional_patches(phantom_root):
@@ -170,9 +185,10 @@ def test_predictions_source_needs_every_file_and_loads_them(phantom_root, tmp_pa
     dm = datamodule(phantom_root, samples_per_volume=1)
     dm.attach_cascade(cascade, {"source": "predictions", "dir": str(tmp_path)})
     dm.setup("fit")
-    subject = dm.subjects["train"][0]
-    prior = subject["prior_organ"].data[0]
+    prior = np.asarray(dm.cases["train"][0].priors["organ"])
     assert prior[:4].all() and not prior[4:].any()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["priors"]["organ"].shape == batch["label"].shape
 
 
 def test_folder_layout_with_a_merged_mask(tmp_path):

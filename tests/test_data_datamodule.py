@@ -69,9 +69,9 @@ def test_unknown_label_probability_is_rejected(phantom_root):
 def test_resampling_changes_the_grid_and_keeps_the_world_extent(phantom_root):
     dm = datamodule(phantom_root, preprocess={"spacing": [5.0, 5.0, 7.5]}, patch_size=(16, 16, 16))
     dm.setup("fit")
-    subject = dm.subjects["val"][0]
-    assert subject.spatial_shape == (24, 24, 16)
-    assert subject["image"].spacing == pytest.approx((5.0, 5.0, 7.5))
+    case = dm.cases["val"][0]
+    assert case.shape == (24, 24, 16)
+    assert case.spacing == pytest.approx((5.0, 5.0, 7.5))
 
 
 def test_ct_window_and_channelwise_zscore():

@@ -1,4 +1,5 @@
-"""Hydra entry points (`python src/train.py`, `medseg-train`, `medseg-predict`, ...).
+"""Hydra entry points (`python src/train.py`, `python scripts/prepare.py`, `medseg-train`,
+`medseg-predict`, `medseg-prepare`, ...).
 
 Errors caused by the user's input (MedsegError, or a config that cannot be instantiated)
 are printed as one message and exit with status 1 instead of a traceback.
@@ -109,3 +110,8 @@ def evaluate(cfg: DictConfig) -> float | None:
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="predict")
 def predict(cfg: DictConfig) -> float | None:
     return run_task(pipeline.predict, cfg)
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="prepare")
+def prepare(cfg: DictConfig) -> float | None:
+    return run_task(pipeline.prepare, cfg)

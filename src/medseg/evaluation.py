@@ -18,6 +18,7 @@ import numpy as np
 
 from medseg import plots
 from medseg.data.cases import _affines_match, group_case_files
+from medseg.data.subjects import open_as_nifti
 from medseg.errors import DataError
 from medseg.metrics import METRICS, case_metrics
 from medseg.reports import summarize, write_case_csv, write_summary_json
@@ -70,7 +71,7 @@ def class_lut(value_to_class: Mapping[int, int]) -> np.ndarray:
 
 def _read_labels(path: Path, what: str) -> tuple[np.ndarray, nib.Nifti1Image]:
     try:
-        image = nib.load(path)
+        image = open_as_nifti(path)
         data = np.asanyarray(image.dataobj)
     except Exception as error:  # nibabel raises many types for unreadable files
         raise DataError(

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchmetrics.segmentation import DiceScore
 
+from medseg.data.slices import predict_slices
 from medseg.errors import ConfigError, DataError
 from medseg.inference import sliding_window_inference
 from medseg.losses import deep_supervision_loss
@@ -55,6 +56,8 @@ class SegmentationModule(L.LightningModule):
         freeze_earlier: freeze a stage's predecessors when it starts training.
         finetune: ``{ckpt_path, stages, unfreeze_every}`` (see :class:`Finetune`).
         gradient_clip: maximum gradient norm per stage (None: no clipping).
+        slice_axis: None for 3D networks; for 2D networks, the volume axis they were trained
+            on slices along (volumes are predicted slice by slice).
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class SegmentationModule(L.LightningModule):
         freeze_earlier: bool = True,
         finetune: dict | None = None,
         gradient_clip: float | None = 12.0,
+        slice_axis: int | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -142,15 +146,24 @@ class SegmentationModule(L.LightningModule):
         return self.nets[self.cascade.stages[0].name](image)
 
     def stage_probabilities(self, stage: StageSpec, inputs: torch.Tensor) -> torch.Tensor:
-        """One stage's softmax [1, K_s, *spatial] by Gaussian sliding window over `inputs`."""
-        logits = sliding_window_inference(
-            inputs,
-            self.nets[stage.name],
-            window=self.inference["window"],
-            overlap=self.inference["overlap"],
-            batch_size=self.inference["batch_size"],
-            gaussian=self.inference["gaussian"],
-        )
+        """One stage's softmax [1, K_s, *spatial] by Gaussian sliding window over `inputs`
+        (slice by slice for a 2D network)."""
+        net = self.nets[stage.name]
+
+        def sliding_window(volume: torch.Tensor) -> torch.Tensor:
+            return sliding_window_inference(
+                volume,
+                net,
+                window=self.inference["window"],
+                overlap=self.inference["overlap"],
+                batch_size=self.inference["batch_size"],
+                gaussian=self.inference["gaussian"],
+            )
+
+        if self.hparams.slice_axis is None:
+            logits = sliding_window(inputs)
+        else:
+            logits = predict_slices(inputs, self.hparams.slice_axis, sliding_window)
         return torch.softmax(logits, dim=1)
 
     def predict_volume(
@@ -329,12 +342,27 @@ def build_module(
     patch_size: Sequence[int],
     preprocess: Mapping | None = None,
     finetune: Mapping | None = None,
+    slice_axis: int | None = None,
 ) -> SegmentationModule:
-    """Assemble the LightningModule from the `model`, `stage` and `loss` config groups."""
+    """Assemble the LightningModule from the `model`, `stage` and `loss` config groups.
+
+    ``slice_axis`` (the data's 2D mode) needs a 2D network, and a 3D network needs 3D data.
+    """
     model_dict = OmegaConf.to_container(model, resolve=True)
     network = {k: v for k, v in model_dict.items() if k not in TRAINING_KEYS}
     if "optimizer" not in model_dict:
         raise ConfigError("model.optimizer is missing: every model preset needs an optimizer")
+    data_dims = 3 if slice_axis is None else 2
+    if network.get("dims", 3) != data_dims:
+        data = (
+            f"data.slice_axis={slice_axis} gives 2D slices"
+            if slice_axis is not None
+            else "data.slice_axis=null gives 3D patches"
+        )
+        raise ConfigError(
+            f"model.dims={network.get('dims', 3)} does not match the data: {data}; "
+            f"set model.dims={data_dims}"
+        )
     stage_dict = OmegaConf.to_container(stage, resolve=True)
     finetune = dict(finetune or {})
     cascade = build_cascade(stage_dict, dataset_labels, finetune)
@@ -355,6 +383,7 @@ def build_module(
             "unfreeze_every": cascade.finetune.unfreeze_every,
         },
         gradient_clip=model_dict.get("gradient_clip"),
+        slice_axis=slice_axis,
     )
     if cascade.finetune.ckpt_path is not None:
         module.load_finetune_weights()

@@ -1,4 +1,5 @@
-"""Train, evaluate and predict as plain functions of a composed config (no Hydra needed)."""
+"""Train, evaluate, predict and prepare data as plain functions of a composed config (no
+Hydra needed to call them)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+import rich
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -19,7 +21,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from medseg import checkpoints, plots
 from medseg.checkpoints import AtomicCheckpointIO, StoreRunConfig, check_compatible
-from medseg.data.cases import Case, _parse_labels, validate_cases
+from medseg.data.cache import FINGERPRINT_FILE, cache_size_bytes, validate_dataset
+from medseg.data.cases import Case, parse_labels
+from medseg.data.fingerprint import override_line, suggest
 from medseg.errors import ConfigError, DataError
 from medseg.evaluation import ScoringPair, pair_folders, score_pairs, write_reports
 from medseg.module import SegmentationModule, build_module
@@ -27,6 +31,7 @@ from medseg.prediction import Predictor, find_input_cases, load_checkpoint, pred
 from medseg.training_guards import EpochSeed
 from medseg.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from medseg.utils.io import atomic_write_text
+from medseg.utils.rich_utils import print_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +60,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         patch_size=datamodule.patch_size,
         preprocess=OmegaConf.to_container(cfg.data.get("preprocess") or {}, resolve=True),
         finetune=OmegaConf.to_container(cfg.get("finetune") or {}, resolve=True),
+        slice_axis=datamodule.slice_axis,
     )
     module.cascade.train_all_stages = bool(cfg.trainer.get("fast_dev_run"))
     module.cascade.check_epochs(cfg.trainer.get("max_epochs"))
@@ -162,7 +168,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             f"the checkpoint was trained on labels {modules[0].hparams.dataset_labels}, but "
             f"{datamodule.dataset.root} declares {datamodule.dataset.labels}"
         )
-    validate_cases(datamodule.dataset)
+    validate_dataset(datamodule.dataset, datamodule.settings)
     cases = [datamodule.dataset.case(i) for i in datamodule.split.test]
     return test_modules(modules, cases, cfg, checkpoints=[str(p) for p in paths])
 
@@ -204,7 +210,7 @@ def _folder_labels(labels: DictConfig | None, label_dir: Path) -> dict[int, str]
             raise DataError(f"{meta_path}: cannot read dataset.json ({error})") from error
     else:
         labels = OmegaConf.to_container(labels)
-    return _parse_labels(labels, meta_path)
+    return parse_labels(labels, meta_path)
 
 
 def predict(cfg: DictConfig) -> dict[str, float]:
@@ -297,3 +303,24 @@ def _plot_training_curves(trainer: L.Trainer, output_dir: Path) -> None:
 
 def _floats(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
+
+
+def prepare(cfg: DictConfig) -> dict[str, float]:
+    """Preprocess ``cfg.data`` into its cache, print the dataset fingerprint and the settings
+    it suggests as command-line overrides; return the number of cases and the cache size."""
+    datamodule = instantiate(cfg.data)
+    if datamodule.cache_dir is None:
+        raise ConfigError("data.cache_dir is null: set it to the folder the cache goes to")
+    datamodule.prepare_data()
+    root = datamodule.cache_root
+    fingerprint = json.loads((root / FINGERPRINT_FILE).read_text())
+    stride = [int(cfg.patch_multiple)] * 3
+    suggested = suggest(fingerprint, stride, int(cfg.max_patch_voxels))
+    size = cache_size_bytes(root)
+    print_fingerprint(fingerprint, root, size)
+    overrides = override_line(suggested, datamodule.settings["intensity"])
+    log.info("suggested settings: %s", overrides)
+    console = rich.get_console()
+    console.print("[bold]suggested overrides:[/bold]")
+    console.print(overrides, soft_wrap=True, markup=False)  # one line, to copy as it is
+    return {"num_cases": float(fingerprint["num_cases"]), "cache_bytes": float(size)}

@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
+from medseg.data.subjects import open_as_nifti
 from medseg.utils.io import atomic_write_bytes
 
 # Label value v > 0 is drawn in colour (v - 1) % 10 of matplotlib's tab10.
@@ -122,7 +123,7 @@ def case_overlay(
 
 
 def _canonical(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
-    image = nib.as_closest_canonical(nib.load(path))
+    image = nib.as_closest_canonical(open_as_nifti(path))
     data = np.asanyarray(image.dataobj)
     return (data[..., 0] if data.ndim == 4 else data), tuple(image.header.get_zooms()[:3])
 

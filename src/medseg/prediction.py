@@ -18,6 +18,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import SimpleITK as sitk  # noqa: N813 (the conventional name)
 import torch
 import torch.nn.functional as F
 import torchio as tio
@@ -26,7 +27,7 @@ from rich.progress import Progress
 from medseg.checkpoints import load_module
 from medseg.data.cases import NIFTI_SUFFIXES, Case, group_case_files
 from medseg.data.preprocess import build_preprocessing
-from medseg.data.subjects import case_to_subject
+from medseg.data.subjects import case_to_subject, open_as_nifti
 from medseg.errors import ConfigError, DataError
 from medseg.inference import predict_cascade_averaged
 from medseg.models.cascade import compose
@@ -51,24 +52,31 @@ def load_checkpoint(
 
 
 def find_input_cases(path: str | Path) -> list[Case]:
-    """The cases of a NIfTI file or of a folder of them (``<case>_NNNN`` files are channels)."""
+    """The cases of an image (a NIfTI file or a DICOM series folder) or of a folder of them
+    (``<case>_NNNN`` files are channels; a subfolder is a DICOM series)."""
     path = Path(path).expanduser()
     if path.is_file():
         return [Case(case_id, tuple(files)) for case_id, files in group_case_files([path]).items()]
     if not path.is_dir():
         raise DataError(f"input: {path} does not exist")
-    entries = [p for p in path.iterdir() if p.is_file()]
+    if _holds_dicom_series(path):
+        return [Case(path.name, (path,))]
+    entries = [p for p in path.iterdir() if p.is_file() or _holds_dicom_series(p)]
     grouped = group_case_files(entries)
     skipped = sorted(
         p.name
         for p in entries
-        if not p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith(".")
+        if p.is_file() and not p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith(".")
     )
     if skipped:
         log.warning("input: skipping %d non-NIfTI file(s) in %s: %s", len(skipped), path, skipped)
     if not grouped:
-        raise DataError(f"input: no NIfTI images (.nii, .nii.gz) in {path}")
+        raise DataError(f"input: no NIfTI images (.nii, .nii.gz) or DICOM series in {path}")
     return [Case(case_id, tuple(files)) for case_id, files in grouped.items()]
+
+
+def _holds_dicom_series(path: Path) -> bool:
+    return path.is_dir() and bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
 
 
 def resample_to_grid(
@@ -264,7 +272,7 @@ def write_prediction(
 
 def _like(reference: Path, data: np.ndarray) -> nib.Nifti1Image:
     """`data` with the reference file's affine and header (its own dtype, shape, no scaling)."""
-    source = nib.load(reference)
+    source = open_as_nifti(reference)
     image = type(source)(data, source.affine, source.header.copy())
     image.set_data_dtype(data.dtype)
     image.header.set_slope_inter(1, 0)

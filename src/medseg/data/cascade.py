@@ -4,10 +4,11 @@ their patches come from.
 A later stage trained on perfect ground-truth masks of the earlier stage learns to trust
 them, then fails on the imperfect masks it gets at inference. So during training a later
 stage sees either the earlier stage's ground truth *perturbed* (random dilation or erosion
-in mm, randomly removed connected components) or the earlier stage's real predictions read
-from a folder (out-of-fold predictions when k-fold is used). These masks are added to each
-subject as label maps named ``prior_<stage>`` after augmentation, so patches, inputs and
-sampling regions all follow them.
+in mm, randomly removed connected components, applied to each training patch after
+augmentation) or the earlier stage's real predictions read from a folder (out-of-fold
+predictions when k-fold is used; preprocessed like their case and read patch by patch).
+Either way they reach the batch as label maps named ``prior_<stage>``. Where patches of a
+later stage come from is decided by :class:`medseg.data.patches.RegionFilter`.
 """
 
 from __future__ import annotations
@@ -129,40 +130,6 @@ def prediction_mask_paths(
             f"file(s) are missing:\n{shown}{more}"
         )
     return paths
-
-
-class RegionLabelSampler(tio.LabelSampler):
-    """A label sampler whose patch centres stay inside an earlier stage's (grown) mask.
-
-    Probabilities per label value are those of ``label_probabilities``, restricted to the
-    region ``prior_<stage>`` grown by ``margin_mm``. A subject whose region is empty (the
-    earlier stage found nothing) is sampled as without a region.
-    """
-
-    def __init__(
-        self,
-        patch_size: Sequence[int],
-        label_probabilities: Mapping[int, float],
-        region_stage: str,
-        margin_mm: float,
-    ):
-        super().__init__(patch_size, "label", dict(label_probabilities))
-        self.region_stage = region_stage
-        self.margin_mm = margin_mm
-
-    def get_probability_map(self, subject: tio.Subject) -> torch.Tensor:
-        label = subject["label"]
-        prior = subject[prior_key(self.region_stage)]
-        region = dilate_mm(prior.data[0].numpy().astype(bool), self.margin_mm, label.spacing)
-        if region.any():
-            shifted = torch.where(torch.from_numpy(region)[None], label.data.float() + 1, 0)
-            probabilities = {v + 1: p for v, p in self.label_probabilities_dict.items()}
-            probability_map = self.get_probabilities_from_label_map(
-                shifted, probabilities, self.patch_size
-            )
-            if probability_map.sum() > 0:
-                return probability_map
-        return super().get_probability_map(subject)
 
 
 def check_mask_source(source: str) -> None:

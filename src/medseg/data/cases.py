@@ -4,8 +4,10 @@ A case is an id, one or more image channels and an optional label map. Discovery
 ``dataset.json`` when present (MSD's ``training`` list, or nnU-Net v2's ``channel_names``
 and ``file_ending`` with an ``imagesTr``/``labelsTr`` scan) and otherwise scans
 ``imagesTr``/``labelsTr`` alone. A folder-per-case layout (as BraTS ships: one folder per
-case holding each modality and the label) is described by file-name patterns instead.
-Validation opens every file before training starts and reports every bad case in one error.
+case holding each modality and the label) is described by file-name patterns instead. An
+image channel is a NIfTI file or a folder holding one DICOM series (read by TorchIO through
+SimpleITK/GDCM); labels are NIfTI files. Validation opens every file before training starts
+and reports every bad case in one error.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torchio as tio
 
 from medseg.errors import DataError
 
@@ -38,12 +41,22 @@ class Case:
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """The cases of a dataset folder with its declared label map and channel names."""
+    """The cases of a dataset with its declared label map and channel names.
+
+    ``storage`` is ``files`` (NIfTI files or DICOM folders) or ``zarr`` (a Zarr dataset, see
+    :mod:`medseg.data.zarr_store`; then case paths name Zarr arrays).
+    """
 
     root: Path
     cases: tuple[Case, ...]
     labels: dict[int, str]  # label value -> class name, background included
     channels: tuple[str, ...]
+    storage: str = "files"
+
+    def subset(self, case_ids: Sequence[str]) -> DatasetInfo:
+        wanted = set(case_ids)
+        cases = tuple(c for c in self.cases if c.case_id in wanted)
+        return DatasetInfo(self.root, cases, self.labels, self.channels, self.storage)
 
     def case(self, case_id: str) -> Case:
         for case in self.cases:
@@ -86,7 +99,7 @@ def discover_cases(
         raise DataError(f"data.root: dataset folder {root} does not exist")
     if layout is not None:
         cases, channels = _folder_cases(root, layout)
-        return DatasetInfo(root, cases, _parse_labels(labels, root / "dataset.json"), channels)
+        return DatasetInfo(root, cases, parse_labels(labels, root / "dataset.json"), channels)
     meta_path = root / "dataset.json"
     meta: dict = {}
     if meta_path.is_file():
@@ -94,8 +107,8 @@ def discover_cases(
             meta = json.loads(meta_path.read_text())
         except (OSError, json.JSONDecodeError) as error:
             raise DataError(f"{meta_path}: cannot read dataset.json ({error})") from error
-    label_map = _parse_labels(labels if labels is not None else meta.get("labels"), meta_path)
-    channels = _parse_channels(meta)
+    label_map = parse_labels(labels if labels is not None else meta.get("labels"), meta_path)
+    channels = parse_channels(meta)
     if isinstance(meta.get("training"), list):
         cases = _cases_from_training_list(root, meta["training"], meta_path)
     else:
@@ -107,8 +120,10 @@ def discover_cases(
     return DatasetInfo(root, tuple(cases), label_map, channels)
 
 
-def _parse_labels(labels: Mapping | None, meta_path: Path) -> dict[int, str]:
-    """Accept MSD ({"1": "liver"}) and nnU-Net v2 ({"liver": 1}) label maps."""
+def parse_labels(labels: Mapping | None, meta_path: Path) -> dict[int, str]:
+    """Accept MSD ({"1": "liver"}) and nnU-Net v2 ({"liver": 1}) label maps.
+
+    ``meta_path`` (dataset.json or a Zarr store) is named in errors."""
     if not labels:
         raise DataError(
             f"no label map: {meta_path} is missing or has no 'labels'; "
@@ -138,7 +153,7 @@ def _is_int(value: object) -> bool:
     return isinstance(value, str) and value.strip().lstrip("-").isdigit()
 
 
-def _parse_channels(meta: dict) -> tuple[str, ...]:
+def parse_channels(meta: dict) -> tuple[str, ...]:
     names = meta.get("modality") or meta.get("channel_names") or {}
     return tuple(str(names[k]) for k in sorted(names, key=int)) if names else ()
 
@@ -206,14 +221,20 @@ def group_case_files(
     paths: Iterable[Path], endings: Sequence[str] = NIFTI_SUFFIXES
 ) -> dict[str, list[Path]]:
     """Image files by case id, sorted: nnU-Net's ``<case>_NNNN`` files are the channels of
-    ``<case>``; any other name is a case of its own. Hidden files and other endings are left out.
+    ``<case>``; any other name is a case of its own; a folder is a DICOM series. Hidden files
+    and other endings are left out.
     """
     by_case: dict[str, list[Path]] = {}
     for path in sorted(paths):
-        ending = next((e for e in endings if path.name.endswith(e)), None)
-        if ending is None or path.name.startswith("."):
+        if path.name.startswith("."):
             continue
-        stem = path.name[: -len(ending)]
+        if path.is_dir():  # a DICOM series
+            stem = path.name
+        else:
+            ending = next((e for e in endings if path.name.endswith(e)), None)
+            if ending is None:
+                continue
+            stem = path.name[: -len(ending)]
         match = _CHANNEL_SUFFIX.match(stem)
         by_case.setdefault(match["case"] if match else stem, []).append(path)
     return dict(sorted(by_case.items()))
@@ -326,13 +347,34 @@ def _label_mask_problems(case: Case, value: int, path: Path, spatial, reference,
     return []
 
 
-def _open(path: Path) -> tuple[nib.spatialimages.SpatialImage | None, str | None]:
+@dataclass(frozen=True)
+class _DicomHeader:
+    """What validation needs of a DICOM series, shaped like a nibabel image."""
+
+    shape: tuple[int, ...]
+    affine: np.ndarray
+
+
+def _open(path: Path) -> tuple[nib.spatialimages.SpatialImage | _DicomHeader | None, str | None]:
     if not path.exists():
         return None, "file does not exist"
+    if path.is_dir():
+        return _open_dicom(path)
     try:
         return nib.load(path), None
     except Exception as error:  # nibabel raises many types for unreadable files
         return None, f"cannot be opened as an image ({type(error).__name__}: {error})"
+
+
+def _open_dicom(folder: Path) -> tuple[_DicomHeader | None, str | None]:
+    """Read the series as training will (TorchIO's reader: RAS affine, [C, x, y, z] data)."""
+    try:
+        data, affine = tio.io.read_image(folder)
+    except Exception as error:  # SimpleITK/GDCM raise RuntimeError or FileNotFoundError
+        return None, f"cannot be read as a DICOM series ({type(error).__name__}: {error})"
+    channels, *spatial = data.shape
+    shape = tuple(spatial) if channels == 1 else (*spatial, channels)
+    return _DicomHeader(shape, np.asarray(affine)), None
 
 
 def _label_value_problems(case: Case, label, labels: dict[int, str]) -> list[str]:

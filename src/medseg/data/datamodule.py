@@ -1,61 +1,91 @@
-"""LightningDataModule over an MSD-layout folder: discovery, validation, splits, patch queue."""
+"""LightningDataModule: discovery, validation, splits, the preprocessing cache, patch queue."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 import torchio as tio
 from torch.utils.data import DataLoader
 
 from medseg.data.augment import build_augmentation
-from medseg.data.cascade import (
-    PerturbedStageMasks,
-    RegionLabelSampler,
-    check_mask_source,
-    prediction_mask_paths,
-    prior_key,
+from medseg.data.cache import (
+    file_signature,
+    open_cases,
+    prepare_cache,
+    prepare_priors,
+    validate_dataset,
 )
-from medseg.data.cases import DatasetInfo, discover_cases, validate_cases
+from medseg.data.cascade import PerturbedStageMasks, check_mask_source, prediction_mask_paths
+from medseg.data.cases import DatasetInfo, discover_cases
+from medseg.data.patches import (
+    SAMPLERS,
+    PatchDataset,
+    PatchLocator,
+    ReadyPatchSampler,
+    RegionFilter,
+    VolumeDataset,
+)
 from medseg.data.phantom import write_phantom_dataset
-from medseg.data.preprocess import build_preprocessing
+from medseg.data.prepared import PreparedCase
+from medseg.data.preprocess import preprocess_settings
+from medseg.data.preselect import labelled_corners
+from medseg.data.slices import check_slice_axis, patch_collate, volume_patch_size
 from medseg.data.splits import Split, split_cases
-from medseg.data.subjects import case_to_subject, collate_subjects
+from medseg.data.subjects import collate_subjects
+from medseg.data.zarr_store import (
+    discover_zarr_dataset,
+    is_zarr_store,
+    open_array,
+    open_volume,
+    write_array_atomically,
+)
 from medseg.errors import ConfigError
 from medseg.stages import Cascade
 
 log = logging.getLogger(__name__)
 
-SAMPLERS = ("label", "uniform")
+# The splits each Lightning stage reads.
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
 
 
 class SegmentationDataModule(L.LightningDataModule):
     """Training patches from a TorchIO queue; whole volumes for validation and test.
 
     Args:
-        root: dataset folder in MSD layout (imagesTr/, labelsTr/, dataset.json), or the root
-            of a folder-per-case layout.
-        labels: label value -> class name; None reads dataset.json.
+        root: dataset folder in MSD layout (imagesTr/, labelsTr/, dataset.json), the root
+            of a folder-per-case layout, or a Zarr dataset (see :mod:`medseg.data.zarr_store`).
+        labels: label value -> class name; None reads dataset.json (or the Zarr attributes).
         layout: None for MSD; a folder-per-case layout (see :func:`discover_cases`).
         phantom: parameters of :func:`write_phantom_dataset`; when given, the synthetic
             phantom is generated at ``root`` (once, cached) before anything else.
-        preprocess: keyword arguments of :func:`build_preprocessing` except ``min_shape``.
-        patch_size: training patch and sliding-window size (x, y, z) in voxels.
+        preprocess: see :func:`medseg.data.preprocess.build_preprocessing`.
+        cache_dir: where preprocessed cases are stored (prepared on first use, or by
+            ``medseg-prepare``; see :mod:`medseg.data.cache`); None preprocesses every case
+            in memory at each start.
+        patch_size: training patch and sliding-window size in voxels: (x, y, z), or the two
+            in-plane sizes in 2D mode.
+        slice_axis: None for 3D; 0, 1 or 2 trains on slices along that axis (2D mode).
+        skip_empty_slices: 2D mode: train only on slices that hold foreground.
         batch_size: patches per training step.
-        samples_per_volume: patches drawn from a volume each time it is loaded.
+        samples_per_volume: patches drawn from each training case per epoch.
         queue_length: patches held by the queue.
-        num_workers: processes loading and augmenting volumes for the queue.
-        sampler: ``label`` (class-balanced centres) or ``uniform``.
+        num_workers: processes reading and augmenting patches for the queue.
+        sampler: ``label`` (patch centres per label value), ``uniform``, or ``labelled``
+            (patches whose labelled fraction is at least ``min_label_fraction``).
         label_probabilities: label value -> probability of a patch centre on it (label
             sampler); None gives every declared label the same chance.
+        min_label_fraction: minimum fraction of labelled voxels (label > 0) of a patch
+            (``labelled`` sampler).
         augmentation: preset name (see :mod:`medseg.data.augment`).
         test_fraction, num_folds, fold, split_seed: see :func:`split_cases`.
-        preload: preprocess every case once in setup and keep it in memory; otherwise
-            preprocess each time a volume is read.
     """
 
     def __init__(
@@ -65,19 +95,22 @@ class SegmentationDataModule(L.LightningDataModule):
         layout: Mapping | None = None,
         phantom: Mapping | None = None,
         preprocess: Mapping | None = None,
+        cache_dir: str | Path | None = None,
         patch_size: Sequence[int] = (64, 64, 32),
+        slice_axis: int | None = None,
+        skip_empty_slices: bool = False,
         batch_size: int = 2,
         samples_per_volume: int = 8,
         queue_length: int = 48,
         num_workers: int = 1,
         sampler: str = "label",
         label_probabilities: Mapping[int, float] | None = None,
+        min_label_fraction: float = 0.1,
         augmentation: str = "default",
         test_fraction: float = 0.2,
         num_folds: int = 5,
         fold: int = 0,
         split_seed: int = 0,
-        preload: bool = True,
     ):
         super().__init__()
         self.root = Path(root).expanduser()
@@ -85,7 +118,15 @@ class SegmentationDataModule(L.LightningDataModule):
         self.layout = layout
         self.phantom = dict(phantom) if phantom is not None else None
         self.preprocess = dict(preprocess or {})
-        self.patch_size = _positive_ints("data.patch_size", patch_size, length=3)
+        self.settings = preprocess_settings(self.preprocess)
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
+        self.slice_axis = check_slice_axis(slice_axis)
+        dims = 3 if slice_axis is None else 2
+        self.patch_size = _positive_ints("data.patch_size", patch_size, length=dims)
+        self.volume_patch = volume_patch_size(self.patch_size, self.slice_axis)
+        if skip_empty_slices and slice_axis is None:
+            raise ConfigError("data.skip_empty_slices needs 2D mode (data.slice_axis)")
+        self.skip_empty_slices = bool(skip_empty_slices)
         for key, value in {
             "data.batch_size": batch_size,
             "data.samples_per_volume": samples_per_volume,
@@ -96,6 +137,10 @@ class SegmentationDataModule(L.LightningDataModule):
             raise ConfigError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
         if sampler not in SAMPLERS:
             raise ConfigError(f"data.sampler must be one of {list(SAMPLERS)}, got {sampler!r}")
+        if not isinstance(min_label_fraction, int | float) or not 0 <= min_label_fraction <= 1:
+            raise ConfigError(
+                f"data.min_label_fraction must be in [0, 1], got {min_label_fraction!r}"
+            )
         self.batch_size = batch_size
         self.samples_per_volume = samples_per_volume
         self.queue_length = queue_length
@@ -106,15 +151,17 @@ class SegmentationDataModule(L.LightningDataModule):
             if label_probabilities is not None
             else None
         )
-        self.augmentation = build_augmentation(augmentation)
+        self.min_label_fraction = float(min_label_fraction)
+        self.augmentation = build_augmentation(augmentation, self.slice_axis)
         self.split_args = dict(
             test_fraction=test_fraction, num_folds=num_folds, fold=fold, seed=split_seed
         )
-        self.preload = preload
-        self.preprocessing = build_preprocessing(**self.preprocess, min_shape=self.patch_size)
-        self.subjects: dict[str, list[tio.Subject]] = {}
+        self.cache_root: Path | None = None
+        self.cases: dict[str, list[PreparedCase]] = {}
+        self._checked = False
         self.cascade: Cascade | None = None
         self.training_masks: dict = {"source": "perturbed"}
+        self._regions: dict[tuple[str, float], RegionFilter] = {}
 
     def attach_cascade(self, cascade: Cascade, training_masks: Mapping | None = None) -> None:
         """Make training data follow a cascade's stage schedule.
@@ -128,20 +175,29 @@ class SegmentationDataModule(L.LightningDataModule):
         """
         masks = dict(training_masks or {"source": "perturbed"})
         check_mask_source(masks.get("source"))
-        if self.subjects:
+        if self.cases:
             raise RuntimeError("attach_cascade must be called before setup()")
         self.cascade = cascade
         self.training_masks = masks
 
-    def prepare_data(self) -> None:
+    def _write_phantom(self) -> None:
         if self.phantom is not None:
             write_phantom_dataset(self.root, **self.phantom)
+
+    def prepare_data(self) -> None:
+        """Generate the phantom (if configured) and prepare the cache (if ``cache_dir``)."""
+        self._write_phantom()
+        if self.cache_dir is not None:
+            self.cache_root = prepare_cache(self.dataset, self.settings, self.cache_dir)
 
     @cached_property
     def dataset(self) -> DatasetInfo:
         """The discovered cases (generates the phantom first when configured)."""
-        self.prepare_data()
-        return discover_cases(self.root, self.labels, self.layout)
+        self._write_phantom()
+        root = self.root.resolve()
+        if is_zarr_store(root):
+            return discover_zarr_dataset(root, self.labels)
+        return discover_cases(root, self.labels, self.layout)
 
     @property
     def class_names(self) -> list[str]:
@@ -156,42 +212,95 @@ class SegmentationDataModule(L.LightningDataModule):
         return split_cases([c.case_id for c in self.dataset.cases], **self.split_args)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.subjects:
-            return
-        validate_cases(self.dataset)
-        split = self.split
-        log.info(
-            "%s: %d train, %d val, %d test cases",
-            self.dataset.root,
-            len(split.train),
-            len(split.val),
-            len(split.test),
-        )
-        predicted = self._predicted_mask_paths(split.train)
+        """Open the cases of the splits ``stage`` needs (all for None)."""
+        if not self._checked:
+            if self.cache_dir is not None:
+                # Quick when prepare_data ran: every case is found current.
+                self.prepare_data()
+            else:
+                validate_dataset(self.dataset, self.settings)
+            self._checked = True
+            split = self.split
+            log.info(
+                "%s: %d train, %d val, %d test cases%s",
+                self.dataset.root,
+                len(split.train),
+                len(split.val),
+                len(split.test),
+                f"; cache {self.cache_root}" if self.cache_root else "",
+            )
         rank, world_size = self._rank_and_world_size()
-        for name, ids in (("train", split.train), ("val", split.val), ("test", split.test)):
+        for name in STAGE_SPLITS.get(stage, ("train", "val", "test")):
+            if name in self.cases:
+                continue
+            ids = getattr(self.split, name)
             if world_size > 1:
                 ids = rank_share(name, ids, rank, world_size)
                 log.info("rank %d of %d: %s cases %s", rank, world_size, name, ids)
-            subjects = [
-                case_to_subject(self.dataset.case(i), predicted.get(i) if name == "train" else None)
-                for i in ids
-            ]
-            if self.preload:
-                subjects = [self.preprocessing(s) for s in subjects]
-            self.subjects[name] = subjects
+            self.cases[name] = open_cases(self.dataset, self.settings, self.cache_root, ids)
+            if name == "train":
+                self._add_training_extras(self.cases[name])
 
-    def _predicted_mask_paths(self, case_ids) -> dict[str, dict[str, Path]]:
+    def _add_training_extras(self, cases: list[PreparedCase]) -> None:
+        """Pre-selected patches (sampler ``labelled``) and earlier-stage predictions (cascade
+        with ``training_masks.source=predictions``), stored in the cache when there is one."""
+        predicted = self._predicted_mask_paths([c.case_id for c in cases])
+        for case in cases:
+            if self.sampler == "labelled":
+                case.preselected = self._preselected(case)
+            if case.case_id in predicted:
+                case.priors = self._priors(case, predicted[case.case_id])
+
+    def _cached(self, case: PreparedCase, name: str, compute, volume: bool = False):
+        """An array of the case's cache group (computed and stored once), or computed."""
+        if self.cache_root is None:
+            return compute()
+        path = self.cache_root / case.case_id / name
+        if not (path / "zarr.json").is_file():
+            write_array_atomically(path, compute(), volume=volume)
+        array = open_array(path)
+        return open_volume(array) if volume else array
+
+    def _preselected(self, case: PreparedCase) -> np.ndarray:
+        """Corners of patches with enough labelled voxels (per patch size and fraction)."""
+        size = "x".join(map(str, self.volume_patch))
+        name = f"preselected_{size}_{self.min_label_fraction:g}"
+
+        def compute() -> np.ndarray:
+            return labelled_corners(case.label, self.volume_patch, self.min_label_fraction)
+
+        return np.asarray(self._cached(case, name, compute)[:])
+
+    def _predicted_mask_paths(self, case_ids: Sequence[str]) -> dict[str, dict[str, Path]]:
         """Earlier-stage prediction files per training case (source: predictions)."""
         if self.cascade is None or self.training_masks["source"] != "predictions":
             return {}
         if not self.training_masks.get("dir"):
             raise ConfigError("stage.training_masks.dir is required with source=predictions")
-        paths = prediction_mask_paths(
+        if self.dataset.storage == "zarr":
+            raise ConfigError(
+                "stage.training_masks.source=predictions reads NIfTI predictions on the "
+                "source grid; it is not available for Zarr datasets"
+            )
+        return prediction_mask_paths(
             self.training_masks["dir"], self.cascade.mask_producers, case_ids
         )
+
+    def _priors(self, case: PreparedCase, paths: Mapping[str, Path]) -> dict:
+        """The prediction masks preprocessed like the case; stored under a name keyed by the
+        files' signature, so new predictions are prepared again."""
+        signature = json.dumps(file_signature(list(paths.values())))
+        key = hashlib.sha256(signature.encode()).hexdigest()[:12]
+        names = {stage: f"prior_{stage}_{key}" for stage in paths}
+        stored = self.cache_root is not None and all(
+            (self.cache_root / case.case_id / name / "zarr.json").is_file()
+            for name in names.values()
+        )
+        case_info = self.dataset.case(case.case_id)
+        arrays = {} if stored else prepare_priors(case_info, self.settings, paths)
         return {
-            case: {prior_key(s): p for s, p in stages.items()} for case, stages in paths.items()
+            stage: self._cached(case, name, lambda stage=stage: arrays[stage], volume=True)
+            for stage, name in names.items()
         }
 
     def _stage_masks_transform(self) -> tio.Transform | None:
@@ -202,25 +311,27 @@ class SegmentationDataModule(L.LightningDataModule):
             return None
         options = {k: v for k, v in self.training_masks.items() if k != "source"}
         values = {name: sorted(self.cascade.stage(name).values) for name in producers}
-        return PerturbedStageMasks(values, **options)
+        return PerturbedStageMasks(values, copy=False, **options)
 
     def _rank_and_world_size(self) -> tuple[int, int]:
         if self.trainer is None:
             return 0, 1
         return self.trainer.global_rank, self.trainer.world_size
 
-    def _dataset(self, name: str, augment: bool) -> tio.SubjectsDataset:
-        transforms = [] if self.preload else [self.preprocessing]
-        if augment:
-            extra = (self.augmentation, self._stage_masks_transform())
-            transforms += [t for t in extra if t is not None]
-        return tio.SubjectsDataset(
-            self.subjects[name], transform=tio.Compose(transforms) if transforms else None
-        )
+    def _region(self, epoch: int) -> RegionFilter | None:
+        """The region the current stage's patch centres stay in (kept across epochs, since
+        finding each case's region reads its label once)."""
+        region = self.cascade.sampling_stage(epoch).region if self.cascade else None
+        if region is None:
+            return None
+        key = (region.stage, region.margin_mm)
+        if key not in self._regions:
+            values = sorted(self.cascade.stage(region.stage).values)
+            self._regions[key] = RegionFilter(region.stage, values, region.margin_mm)
+            self._regions[key].prepare(self.cases["train"])
+        return self._regions[key]
 
-    def _patch_sampler(self, epoch: int) -> tio.data.PatchSampler:
-        if self.sampler == "uniform":
-            return tio.UniformSampler(self.patch_size)
+    def _locator(self, epoch: int) -> PatchLocator:
         probabilities = self.label_probabilities or {v: 1.0 for v in self.dataset.labels}
         unknown = sorted(set(probabilities) - set(self.dataset.labels))
         if unknown:
@@ -228,22 +339,36 @@ class SegmentationDataModule(L.LightningDataModule):
                 f"data.label_probabilities names label values {unknown} that the dataset "
                 f"does not declare (declared: {sorted(self.dataset.labels)})"
             )
-        region = self.cascade.sampling_stage(epoch).region if self.cascade else None
-        if region is not None:
-            return RegionLabelSampler(
-                self.patch_size, probabilities, region.stage, region.margin_mm
-            )
-        return tio.LabelSampler(self.patch_size, "label", probabilities)
+        return PatchLocator(
+            self.volume_patch,
+            self.sampler,
+            probabilities,
+            self.slice_axis,
+            self.skip_empty_slices,
+            region=self._region(epoch),
+        )
+
+    def train_dataset(self, epoch: int = 0) -> PatchDataset:
+        transforms = [self.augmentation.transforms, self._stage_masks_transform()]
+        transforms = [t for t in transforms if t is not None]
+        return PatchDataset(
+            self.cases["train"],
+            self._locator(epoch),
+            self.volume_patch,
+            self.augmentation.spatial,
+            tio.Compose(transforms, copy=False) if transforms else None,
+            self.samples_per_volume,
+        )
 
     def train_dataloader(self) -> DataLoader:
         # Rebuilt every epoch (trainer.reload_dataloaders_every_n_epochs=1), so patches follow
         # the cascade's stage schedule.
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         queue = tio.Queue(
-            self._dataset("train", augment=True),
+            self.train_dataset(epoch),
             max_length=self.queue_length,
-            samples_per_volume=self.samples_per_volume,
-            sampler=self._patch_sampler(epoch),
+            samples_per_volume=1,  # each item of the dataset is one patch
+            sampler=ReadyPatchSampler(self.volume_patch),
             num_workers=self.num_workers,
             shuffle_subjects=True,
             shuffle_patches=True,
@@ -251,22 +376,23 @@ class SegmentationDataModule(L.LightningDataModule):
             # order, worker seeds) then follow the per-epoch reseed (training_guards.EpochSeed).
             start_background=False,
         )
-        # The queue's own workers load volumes; patches come out of it in this process. A
+        # The queue's own workers read patches; batches come out of it in this process. A
         # private generator: Lightning creates this loader's iterator before the epoch's
         # reseed on a fresh or resumed run and after it otherwise, so it must not draw from
         # the global generator.
         return DataLoader(
             queue,
             batch_size=self.batch_size,
-            collate_fn=collate_subjects,
+            collate_fn=patch_collate(self.slice_axis),
             generator=torch.Generator(),
         )
 
     def _volume_loader(self, name: str) -> DataLoader:
         return DataLoader(
-            self._dataset(name, augment=False),
+            VolumeDataset(self.cases[name]),
             batch_size=1,
-            num_workers=0 if self.preload else self.num_workers,
+            # Cached cases are read from disk by workers; in-memory ones are already here.
+            num_workers=self.num_workers if self.cache_root is not None else 0,
             collate_fn=collate_subjects,
         )
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import rich
 import rich.syntax
@@ -53,3 +53,31 @@ def print_summary_table(title: str, summaries: Mapping[str, Mapping[str, Mapping
             )
         table.add_row(name, *cells)
     rich.print(table)
+
+
+def print_fingerprint(fingerprint: Mapping, cache: object, size_bytes: int) -> None:
+    """The dataset fingerprint (as written to fingerprint.json) as a table."""
+    table = rich.table.Table(
+        title=f"{fingerprint['num_cases']} cases prepared in {cache} ({size_bytes / 1e6:.1f} MB)",
+        header_style="bold",
+    )
+    table.add_column("property")
+    for column in ("median", "min", "max"):
+        table.add_column(column, justify="right")
+    for key, name in (
+        ("spacing", "spacing (mm)"),
+        ("shape", "shape"),
+        ("cropped_shape", "cropped"),
+    ):
+        stats = fingerprint[key]
+        table.add_row(name, *(_vector(stats[c]) for c in ("median", "min", "max")))
+    for channel, stats in fingerprint["foreground_intensities"].items():
+        if stats is not None:
+            low, high = stats["percentile_00_5"], stats["percentile_99_5"]
+            row = f"{stats['median']:.1f} ({low:.1f}..{high:.1f})"
+            table.add_row(f"{channel} foreground (0.5-99.5 %)", row, "", "")
+    rich.print(table)
+
+
+def _vector(values: Sequence[float]) -> str:
+    return " x ".join(f"{v:g}" for v in values)

@@ -1,0 +1,405 @@
+"""Preprocess a dataset once into a Zarr cache, and open its cases for training.
+
+The cache of a dataset lives in ``<cache_dir>/<dataset folder name>-<key>/`` where the key
+hashes the dataset's location, label map, channels and preprocessing settings: changing any
+of them prepares a new cache, never reusing a stale one. Inside, each case is a Zarr group
+(see :mod:`medseg.data.zarr_store`) that records the size and modification time of its
+source files; a case whose files changed is prepared again. Preparing writes each case
+atomically, so an interrupted or failed run leaves only complete cases.
+
+NIfTI/DICOM cases are read whole, preprocessed with TorchIO (orientation, crop to the
+non-zero region, resampling, intensity normalization) and stored. Zarr datasets are read in
+place: the cache holds only what sampling needs (label locations, intensity statistics).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torchio as tio
+import zarr
+
+from medseg.data.cascade import prior_key
+from medseg.data.cases import Case, CaseValidationError, DatasetInfo, validate_cases
+from medseg.data.fingerprint import dataset_fingerprint
+from medseg.data.prepared import PreparedCase
+from medseg.data.preprocess import (
+    NONZERO_BOX,
+    IntensityNormalization,
+    MergeLabelMasks,
+    build_preprocessing,
+)
+from medseg.data.scan import LabelIndex, case_rng, foreground_intensities, scan_label, slabs
+from medseg.data.subjects import case_to_subject
+from medseg.data.zarr_store import (
+    open_group,
+    open_volume,
+    read_index,
+    validate_zarr_cases,
+    write_group_atomically,
+    write_index,
+    write_volume,
+    zarr_case_arrays,
+)
+from medseg.errors import ConfigError, DataError
+from medseg.utils.io import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+FINGERPRINT_FILE = "fingerprint.json"
+
+
+@dataclass
+class CaseRecord:
+    """What preparing one case produces (stored in the cache, or kept in memory).
+
+    ``image`` and ``label`` are None for Zarr datasets, which are read in place.
+    """
+
+    image: np.ndarray | None
+    label: np.ndarray | None
+    affine: np.ndarray
+    index: LabelIndex | None
+    intensities: np.ndarray
+    meta: dict = field(default_factory=dict)
+
+
+def cache_location(cache_dir: str | Path, dataset: DatasetInfo, settings: Mapping) -> Path:
+    """``<cache_dir>/<dataset name>-<12 hex digits of the key>``."""
+    identity = {
+        "format": FORMAT_VERSION,
+        "root": str(dataset.root),
+        "labels": {str(k): v for k, v in dataset.labels.items()},
+        "channels": list(dataset.channels),
+        "preprocess": dict(settings),
+    }
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(cache_dir).expanduser().resolve() / f"{dataset.root.name}-{key}"
+
+
+def source_signature(case: Case) -> list[list]:
+    """(path, size, modification time) of every file the case is read from, and the label
+    value each merged mask contributes."""
+    paths = [*case.images, *([case.label] if case.label is not None else [])]
+    masks = [[value, str(path)] for value, path in case.label_masks]
+    return file_signature([*paths, *(path for _, path in case.label_masks)]) + masks
+
+
+def file_signature(paths: Sequence[Path]) -> list[list]:
+    """(path, size, modification time) of the files, and of every file in a folder."""
+    entries = []
+    for path in paths:
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            try:
+                stat = file.stat()
+            except OSError:
+                entries.append([str(file), -1, -1])
+            else:
+                entries.append([str(file), stat.st_size, stat.st_mtime_ns])
+    return entries
+
+
+def check_zarr_settings(settings: Mapping) -> None:
+    """Zarr datasets are read in place, on their stored grid: only intensity applies."""
+    for key in ("canonical", "crop_nonzero", "spacing"):
+        if settings[key]:
+            raise ConfigError(
+                f"data.preprocess.{key}={settings[key]!r}: Zarr datasets are read in place on "
+                f"their stored grid; set data.preprocess.{key} to false/null (data=zarr does)"
+            )
+
+
+def prepare_case(case: Case, dataset: DatasetInfo, settings: Mapping) -> CaseRecord:
+    """Preprocess one case (files) or scan it in place (Zarr).
+
+    Raises:
+        DataError: naming the unreadable file and the problem.
+    """
+    if dataset.storage == "zarr":
+        return _scan_zarr_case(case, dataset, settings)
+    return _preprocess_file_case(case, dataset, settings)
+
+
+def _load(image: tio.Image, case: Case) -> None:
+    try:
+        image.load()
+    except Exception as error:  # truncated gzip, bad header, unreadable DICOM, ...
+        raise DataError(
+            f"{case.case_id}: {image.path}: cannot be read ({type(error).__name__}: {error})"
+        ) from error
+
+
+def _load_subject(case: Case, label_maps: Mapping[str, Path] | None = None) -> tio.Subject:
+    subject = case_to_subject(case, label_maps)
+    for image in subject.get_images(intensity_only=False):
+        _load(image, case)
+    return subject
+
+
+def _preprocess_file_case(case: Case, dataset: DatasetInfo, settings: Mapping) -> CaseRecord:
+    subject = _load_subject(case)
+    source_affine = subject["image"].affine.copy()
+    source_shape = list(subject.spatial_shape)
+    # Merged masks first, so the fingerprint's foreground includes them.
+    subject = MergeLabelMasks()(subject)
+    if settings["canonical"]:
+        subject = tio.ToCanonical()(subject)
+    oriented = {"shape": list(subject.spatial_shape), "spacing": list(subject.spacing)}
+    label = subject["label"].data[0].numpy() if "label" in subject else None
+    image = subject["image"].data.numpy()
+    intensities = (
+        foreground_intensities(image, label, int((label > 0).sum()), case_rng(case.case_id, "fg"))
+        if label is not None
+        else np.zeros((image.shape[0], 0), np.float32)
+    )
+    subject = build_preprocessing(**{**settings, "canonical": False})(subject)
+    box = subject.get(NONZERO_BOX)
+    image = subject["image"].data.numpy().astype(np.float32)
+    label = subject["label"].data[0].numpy() if "label" in subject else None
+    index = _scan(label, dataset, case, str(case.label))
+    meta = {
+        "source": oriented,
+        "source_file_shape": source_shape,
+        "source_file_affine": np.asarray(source_affine).tolist(),
+        "nonzero_box": box,
+        "cropped_shape": oriented["shape"] if box is None else _box_shape(box),
+        "statistics": None,
+    }
+    return CaseRecord(image, label, subject["image"].affine, index, intensities, meta)
+
+
+def prepare_priors(
+    case: Case, settings: Mapping, paths: Mapping[str, Path]
+) -> dict[str, np.ndarray]:
+    """Masks of ``paths`` (stage -> file on the case's source grid) preprocessed as the case
+    is (the same orientation, crop and resampling), as uint8 arrays on its training grid."""
+    subject = _load_subject(case, {prior_key(stage): path for stage, path in paths.items()})
+    subject = build_preprocessing(**settings)(subject)
+    return {
+        stage: (subject[prior_key(stage)].data[0].numpy() > 0).astype(np.uint8) for stage in paths
+    }
+
+
+def _box_shape(box: Sequence[int]) -> list[int]:
+    return [int(box[a + 3] - box[a]) for a in range(3)]
+
+
+def _scan(label, dataset: DatasetInfo, case: Case, source: str) -> LabelIndex | None:
+    if label is None:
+        return None
+    return scan_label(label, dataset.labels, case_rng(case.case_id, "locations"), source)
+
+
+def _scan_zarr_case(case: Case, dataset: DatasetInfo, settings: Mapping) -> CaseRecord:
+    try:
+        image, label, affine = zarr_case_arrays(case)
+        index = _scan(label, dataset, case, str(case.label))
+        normalization = IntensityNormalization.from_config(**settings["intensity"])
+        statistics = normalization.statistics(
+            (np.asarray(image[:, rows]) for _, rows in slabs(image, 1)), str(case.images[0])
+        )
+        foreground = 0 if index is None else sum(n for v, n in index.counts.items() if v > 0)
+        intensities = (
+            foreground_intensities(image, label, foreground, case_rng(case.case_id, "fg"))
+            if label is not None
+            else np.zeros((image.shape[0], 0), np.float32)
+        )
+    except DataError:
+        raise
+    except Exception as error:  # a missing or corrupt chunk surfaces while reading
+        raise DataError(
+            f"{case.case_id}: {case.images[0].parent}: cannot be read "
+            f"({type(error).__name__}: {error})"
+        ) from error
+    spacing = np.linalg.norm(affine[:3, :3], axis=0).tolist()
+    shape = list(image.shape[1:])
+    meta = {
+        "source": {"shape": shape, "spacing": spacing},
+        "source_file_shape": shape,
+        "source_file_affine": affine.tolist(),
+        "nonzero_box": None,
+        "cropped_shape": shape,
+        "statistics": None if statistics is None else statistics.tolist(),
+    }
+    return CaseRecord(None, None, affine, index, intensities, meta)
+
+
+def _write_record(path: Path, case: Case, record: CaseRecord, signature: list) -> None:
+    def fill(group: zarr.Group) -> None:
+        if record.image is not None:
+            write_volume(group, record.image, record.label)
+        if record.index is not None:
+            write_index(group, record.index)
+        group.create_array("intensities", data=record.intensities.astype(np.float32))
+        group.attrs["spacing"] = [float(s) for s in np.linalg.norm(record.affine[:3, :3], axis=0)]
+        group.attrs["affine"] = np.asarray(record.affine).tolist()
+        group.attrs["medseg"] = {
+            "format": FORMAT_VERSION,
+            "case_id": case.case_id,
+            "signature": signature,
+            "label_counts": None
+            if record.index is None
+            else {str(v): n for v, n in record.index.counts.items()},
+            **record.meta,
+        }
+
+    write_group_atomically(path, fill)
+
+
+def _cached_meta(path: Path) -> dict | None:
+    try:
+        return dict(zarr.open_group(str(path), mode="r").attrs).get("medseg")
+    except Exception:  # missing or unreadable entries are prepared again
+        return None
+
+
+def _is_current(path: Path, signature: list) -> bool:
+    meta = _cached_meta(path)
+    return (
+        meta is not None
+        and meta.get("format") == FORMAT_VERSION
+        and meta.get("signature") == signature
+    )
+
+
+def prepare_cache(dataset: DatasetInfo, settings: Mapping, cache_dir: str | Path) -> Path:
+    """Prepare every case that is missing or stale; return the cache folder.
+
+    Cases that need preparing are validated first (one error lists every bad case); a case
+    that fails while being read is reported with the others after the rest are written.
+    """
+    root = cache_location(cache_dir, dataset, settings)
+    stale = []
+    signatures = {}
+    for case in dataset.cases:
+        signatures[case.case_id] = source_signature(case)
+        if not _is_current(root / case.case_id, signatures[case.case_id]):
+            stale.append(case.case_id)
+    if not stale and (root / FINGERPRINT_FILE).is_file():
+        return root
+    validate_dataset(dataset.subset(stale), settings)
+    _write_root_attrs(root, dataset, settings)
+    problems = []
+    for number, case_id in enumerate(stale, start=1):
+        case = dataset.case(case_id)
+        log.info("preparing %s (%d/%d) into %s", case_id, number, len(stale), root)
+        try:
+            record = prepare_case(case, dataset, settings)
+        except DataError as error:
+            problems.append(str(error))
+            continue
+        _write_record(root / case_id, case, record, signatures[case_id])
+    if problems:
+        raise CaseValidationError(dataset.root, problems, len(dataset.cases))
+    write_fingerprint(root, dataset)
+    return root
+
+
+def validate_dataset(dataset: DatasetInfo, settings: Mapping) -> None:
+    """Check the settings apply to the dataset's storage and every case opens and agrees."""
+    if dataset.storage == "zarr":
+        check_zarr_settings(settings)
+    if not dataset.cases:
+        return
+    if dataset.storage == "zarr":
+        validate_zarr_cases(dataset)
+    else:
+        validate_cases(dataset)
+
+
+def _write_root_attrs(root: Path, dataset: DatasetInfo, settings: Mapping) -> None:
+    if (root / "zarr.json").is_file():
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    group = zarr.open_group(str(root), mode="a")
+    group.attrs.update(
+        {
+            "labels": {str(k): v for k, v in dataset.labels.items()},
+            "channel_names": {str(i): c for i, c in enumerate(dataset.channels)},
+            "medseg": {
+                "format": FORMAT_VERSION,
+                "source": str(dataset.root),
+                "storage": dataset.storage,
+                "preprocess": dict(settings),
+            },
+        }
+    )
+
+
+def write_fingerprint(root: Path, dataset: DatasetInfo) -> dict:
+    """Pool the cached cases' records into ``fingerprint.json`` and return it."""
+    metas, intensities = [], []
+    for case in dataset.cases:
+        group = open_group(root / case.case_id)
+        metas.append(dict(group.attrs)["medseg"])
+        intensities.append(np.asarray(group["intensities"][:]))
+    fingerprint = dataset_fingerprint(metas, intensities, dataset.channels)
+    atomic_write_text(root / FINGERPRINT_FILE, json.dumps(fingerprint, indent=2) + "\n")
+    return fingerprint
+
+
+def open_cases(
+    dataset: DatasetInfo, settings: Mapping, root: Path | None, case_ids: Sequence[str]
+) -> list[PreparedCase]:
+    """The prepared cases: from the cache at ``root``, or prepared in memory when None."""
+    cases = []
+    for case_id in case_ids:
+        case = dataset.case(case_id)
+        if root is None:
+            cases.append(_in_memory(case, dataset, settings))
+        else:
+            cases.append(_from_cache(root / case_id, case, dataset, settings))
+    return cases
+
+
+def _in_memory(case: Case, dataset: DatasetInfo, settings: Mapping) -> PreparedCase:
+    record = prepare_case(case, dataset, settings)
+    if dataset.storage == "zarr":
+        return _zarr_case(case, settings, record.index, record.meta["statistics"])
+    return PreparedCase(case.case_id, record.image, record.label, record.affine, record.index)
+
+
+def _from_cache(path: Path, case: Case, dataset: DatasetInfo, settings: Mapping) -> PreparedCase:
+    group = open_group(path)
+    meta = dict(group.attrs)["medseg"]
+    counts = meta["label_counts"]
+    index = None if counts is None else read_index(group, counts)
+    if dataset.storage == "zarr":
+        return _zarr_case(case, settings, index, meta["statistics"])
+    label = group.get("label")
+    return PreparedCase(
+        case.case_id,
+        open_volume(group["image"]),
+        None if label is None else open_volume(label),
+        np.asarray(group.attrs["affine"]),
+        index,
+    )
+
+
+def _zarr_case(case: Case, settings: Mapping, index: LabelIndex | None, statistics) -> PreparedCase:
+    image, label, affine = zarr_case_arrays(case)
+    normalization = IntensityNormalization.from_config(**settings["intensity"])
+    return PreparedCase(
+        case.case_id,
+        image,
+        label,
+        affine,
+        index,
+        normalization=normalization if normalization.mode != "none" else None,
+        statistics=None if statistics is None else np.asarray(statistics),
+    )
+
+
+def cache_size_bytes(root: Path) -> int:
+    return sum(
+        (Path(folder) / name).stat().st_size for folder, _, names in os.walk(root) for name in names
+    )
