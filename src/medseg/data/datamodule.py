@@ -229,17 +229,26 @@ class SegmentationDataModule(L.LightningDataModule):
                 len(split.test),
                 f"; cache {self.cache_root}" if self.cache_root else "",
             )
-        rank, world_size = self._rank_and_world_size()
         for name in STAGE_SPLITS.get(stage, ("train", "val", "test")):
             if name in self.cases:
                 continue
-            ids = getattr(self.split, name)
-            if world_size > 1:
-                ids = rank_share(name, ids, rank, world_size)
-                log.info("rank %d of %d: %s cases %s", rank, world_size, name, ids)
+            ids = self.shares[name]
             self.cases[name] = open_cases(self.dataset, self.settings, self.cache_root, ids)
             if name == "train":
                 self._add_training_extras(self.cases[name])
+
+    @cached_property
+    def shares(self) -> dict[str, list[str]]:
+        """The case ids of each split this process reads (its share under DDP)."""
+        rank, world_size = self._rank_and_world_size()
+        shares = {}
+        for name in ("train", "val", "test"):
+            ids = list(getattr(self.split, name))
+            if world_size > 1:
+                ids = rank_share(name, ids, rank, world_size)
+                log.info("rank %d of %d: %s cases %s", rank, world_size, name, ids)
+            shares[name] = ids
+        return shares
 
     def _add_training_extras(self, cases: list[PreparedCase]) -> None:
         """Pre-selected patches (sampler ``labelled``) and earlier-stage predictions (cascade
