@@ -1,5 +1,6 @@
 """A NaN/Inf loss stops the run naming the batch's cases, or skips the step when configured."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,9 +25,9 @@ def nan_image_case(monkeypatch) -> str:
 
     def poisoned_setup(self, stage=None):
         setup(self, stage)
-        for subject in self.subjects["train"]:
-            if subject["case_id"] == TRAIN_CASE:
-                subject["image"].set_data(torch.full_like(subject["image"].data, float("nan")))
+        for case in self.cases.get("train", []):
+            if case.case_id == TRAIN_CASE:
+                case.image = np.full(case.image.shape, np.nan, dtype=np.float32)
 
     monkeypatch.setattr(SegmentationDataModule, "setup", poisoned_setup)
     return TRAIN_CASE
