@@ -1,6 +1,7 @@
 """A DICOM series folder is accepted as an image wherever a NIfTI file is."""
 
 import json
+import locale
 import shutil
 import zlib
 from pathlib import Path
@@ -41,15 +42,21 @@ def write_dicom_series(nifti: Path, folder: Path) -> None:
     }
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
-    for index in range(image.GetDepth()):
-        piece = image[:, :, index]
-        for tag, value in shared.items():
-            piece.SetMetaData(tag, value)
-        position = image.TransformIndexToPhysicalPoint((0, 0, index))
-        piece.SetMetaData("0020|0032", "\\".join(f"{v:.6f}" for v in position))
-        piece.SetMetaData("0020|0013", str(index + 1))
-        writer.SetFileName(str(folder / f"slice_{index:03d}.dcm"))
-        writer.Execute(piece)
+    # GDCM's writer sets the process locale to "C" (ASCII), which would make every later
+    # subprocess output in the test session fail to decode: restore it.
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        for index in range(image.GetDepth()):
+            piece = image[:, :, index]
+            for tag, value in shared.items():
+                piece.SetMetaData(tag, value)
+            position = image.TransformIndexToPhysicalPoint((0, 0, index))
+            piece.SetMetaData("0020|0032", "\\".join(f"{v:.6f}" for v in position))
+            piece.SetMetaData("0020|0013", str(index + 1))
+            writer.SetFileName(str(folder / f"slice_{index:03d}.dcm"))
+            writer.Execute(piece)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
 
 
 @pytest.fixture(scope="module")
