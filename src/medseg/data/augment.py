@@ -26,7 +26,13 @@ def _default() -> list[tio.Transform]:
     ]
 
 
-PRESETS = {"none": list, "light": _light, "default": _default}
+def _mirror() -> list[tio.Transform]:
+    """Mirroring only: keeps volumes and counts (for case-level targets such as an organ's
+    volume in mL, which scaling would change)."""
+    return [tio.RandomFlip(axes=(0, 1, 2), flip_probability=0.5)]
+
+
+PRESETS = {"none": list, "light": _light, "default": _default, "mirror": _mirror}
 
 
 def build_augmentation(preset: str) -> tio.Compose | None:

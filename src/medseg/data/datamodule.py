@@ -25,6 +25,13 @@ from medseg.data.phantom import write_phantom_dataset
 from medseg.data.preprocess import build_preprocessing
 from medseg.data.splits import Split, split_cases
 from medseg.data.subjects import case_to_subject, collate_subjects
+from medseg.data.targets import (
+    SignedDistanceMaps,
+    case_targets,
+    read_target_table,
+    target_key,
+    target_statistics,
+)
 from medseg.errors import ConfigError
 from medseg.stages import Cascade
 
@@ -56,6 +63,8 @@ class SegmentationDataModule(L.LightningDataModule):
         test_fraction, num_folds, fold, split_seed: see :func:`split_cases`.
         preload: preprocess every case once in setup and keep it in memory; otherwise
             preprocess each time a volume is read.
+        targets: ``{path, id_column}`` of a CSV/TSV file with case-level targets (one row
+            per case), read when a stage has classification or regression tasks.
     """
 
     def __init__(
@@ -78,6 +87,7 @@ class SegmentationDataModule(L.LightningDataModule):
         fold: int = 0,
         split_seed: int = 0,
         preload: bool = True,
+        targets: Mapping | None = None,
     ):
         super().__init__()
         self.root = Path(root).expanduser()
@@ -113,15 +123,24 @@ class SegmentationDataModule(L.LightningDataModule):
         self.preload = preload
         self.preprocessing = build_preprocessing(**self.preprocess, min_shape=self.patch_size)
         self.subjects: dict[str, list[tio.Subject]] = {}
+        self.targets = dict(targets) if targets else None
+        if self.targets is not None and not self.targets.get("path"):
+            raise ConfigError(
+                "data.targets.path must name a .tsv or .csv file (or data.targets=null)"
+            )
         self.cascade: Cascade | None = None
         self.training_masks: dict = {"source": "perturbed"}
+        self.case_targets: dict[str, dict[str, int | float]] = {}
 
     def attach_cascade(self, cascade: Cascade, training_masks: Mapping | None = None) -> None:
-        """Make training data follow a cascade's stage schedule.
+        """Make training data follow a cascade's stage schedule and carry its tasks' targets.
+
+        The targets of case-level tasks are read and checked here, before any training.
 
         Args:
             cascade: the stages being trained: the patch sampler follows the schedule, and
-                later stages get earlier stages' masks (``priors`` in the batch).
+                later stages get earlier stages' masks (``priors`` in the batch); every task
+                gets its targets in the batch under its name.
             training_masks: how later stages see earlier stages' masks during training:
                 ``{source: perturbed, ...}`` (keyword arguments of PerturbedStageMasks) or
                 ``{source: predictions, dir: <folder of <stage>/<case_id>.nii.gz>}``.
@@ -132,6 +151,25 @@ class SegmentationDataModule(L.LightningDataModule):
             raise RuntimeError("attach_cascade must be called before setup()")
         self.cascade = cascade
         self.training_masks = masks
+        self.case_targets = self._read_case_targets(cascade)
+
+    def _read_case_targets(self, cascade: Cascade) -> dict[str, dict[str, int | float]]:
+        tasks = cascade.case_tasks
+        if not tasks:
+            return {}
+        if self.targets is None:
+            raise ConfigError(
+                f"tasks {[t.name for t in tasks]} read case-level targets, but data.targets "
+                "is not set: give data.targets.path (a .tsv or .csv file, one row per case)"
+            )
+        table = read_target_table(self.targets["path"], self.targets.get("id_column", "case_id"))
+        return case_targets(table, tasks, [c.case_id for c in self.dataset.cases])
+
+    def target_statistics(self) -> dict[str, dict]:
+        """Per case-level task, the statistics of the training split's targets: class
+        ``counts`` (classification) or ``mean`` and ``std`` (regression)."""
+        tasks = self.cascade.case_tasks if self.cascade else []
+        return target_statistics(tasks, (self.case_targets[c] for c in self.split.train))
 
     def prepare_data(self) -> None:
         if self.phantom is not None:
@@ -174,7 +212,11 @@ class SegmentationDataModule(L.LightningDataModule):
                 ids = rank_share(name, ids, rank, world_size)
                 log.info("rank %d of %d: %s cases %s", rank, world_size, name, ids)
             subjects = [
-                case_to_subject(self.dataset.case(i), predicted.get(i) if name == "train" else None)
+                case_to_subject(
+                    self.dataset.case(i),
+                    predicted.get(i) if name == "train" else None,
+                    {target_key(task): v for task, v in self.case_targets.get(i, {}).items()},
+                )
                 for i in ids
             ]
             if self.preload:
@@ -209,11 +251,23 @@ class SegmentationDataModule(L.LightningDataModule):
             return 0, 1
         return self.trainer.global_rank, self.trainer.world_size
 
+    def _distance_maps_transform(self) -> tio.Transform | None:
+        tasks = (
+            [t for t in self.cascade.tasks if t.type == "voxel_regression"] if self.cascade else []
+        )
+        if not tasks:
+            return None
+        return SignedDistanceMaps({t.name: (t.distance_to, t.clip_mm) for t in tasks})
+
     def _dataset(self, name: str, augment: bool) -> tio.SubjectsDataset:
         transforms = [] if self.preload else [self.preprocessing]
         if augment:
             extra = (self.augmentation, self._stage_masks_transform())
             transforms += [t for t in extra if t is not None]
+        # Computed from the (augmented) label, after every intensity transform.
+        distance_maps = self._distance_maps_transform()
+        if distance_maps is not None:
+            transforms.append(distance_maps)
         return tio.SubjectsDataset(
             self.subjects[name], transform=tio.Compose(transforms) if transforms else None
         )

@@ -10,15 +10,21 @@ import torchio as tio
 
 from medseg.data.cascade import PRIOR_PREFIX
 from medseg.data.cases import Case
+from medseg.data.targets import TARGET_PREFIX
 
 # Label maps named merge_<value> are folded into `label` by preprocess.MergeLabelMasks.
 MERGE_PREFIX = "merge_"
 
 
-def case_to_subject(case: Case, label_maps: Mapping[str, Path] | None = None) -> tio.Subject:
+def case_to_subject(
+    case: Case,
+    label_maps: Mapping[str, Path] | None = None,
+    values: Mapping[str, int | float] | None = None,
+) -> tio.Subject:
     """A lazy subject: files are read when a transform or `load()` first needs them.
 
-    `label_maps` adds more label maps by name (e.g. earlier-stage predictions of a cascade).
+    `label_maps` adds more label maps by name (e.g. earlier-stage predictions of a cascade);
+    `values` adds plain values by name (e.g. case-level targets of tasks).
     """
     images = list(case.images)
     fields: dict = {
@@ -31,13 +37,16 @@ def case_to_subject(case: Case, label_maps: Mapping[str, Path] | None = None) ->
         fields[f"{MERGE_PREFIX}{value}"] = tio.LabelMap(path)
     for name, path in (label_maps or {}).items():
         fields[name] = tio.LabelMap(path)
+    fields |= dict(values or {})
     return tio.Subject(**fields)
 
 
 def collate_subjects(subjects: Sequence[tio.Subject]) -> dict:
     """Batch dict: ``image`` float32 [B, C, *spatial], ``label`` int64 [B, 1, *spatial],
-    ``case_id`` list, ``spacing`` float [B, 3] (mm), ``location`` [B, 6] for patches, and
-    ``priors``: stage -> float [B, 1, *spatial] earlier-stage masks of a cascade."""
+    ``case_id`` list, ``spacing`` float [B, 3] (mm), ``location`` [B, 6] for patches,
+    ``priors``: stage -> float [B, 1, *spatial] earlier-stage masks of a cascade, and every
+    task's targets under the task's name: int64 [B] class indices, float32 [B] values or
+    float32 [B, 1, *spatial] maps."""
     batch: dict = {
         "image": torch.stack([s["image"].data.float() for s in subjects]),
         "case_id": [s["case_id"] for s in subjects],
@@ -51,6 +60,15 @@ def collate_subjects(subjects: Sequence[tio.Subject]) -> dict:
             k.removeprefix(PRIOR_PREFIX): torch.stack([s[k].data.float() for s in subjects])
             for k in priors
         }
+    for key in (k for k in subjects[0] if k.startswith(TARGET_PREFIX)):
+        values = [s[key] for s in subjects]
+        if isinstance(values[0], tio.Image):
+            target = torch.stack([v.data.float() for v in values])
+        elif isinstance(values[0], int):
+            target = torch.tensor(values, dtype=torch.int64)
+        else:
+            target = torch.tensor(values, dtype=torch.float32)
+        batch[key.removeprefix(TARGET_PREFIX)] = target
     if tio.LOCATION in subjects[0]:
         batch["location"] = torch.stack([torch.as_tensor(s[tio.LOCATION]) for s in subjects])
     return batch
