@@ -18,7 +18,7 @@ from medseg.module import SegmentationModule
 from medseg.multitask import CascadeTasks
 from medseg.stages import build_cascade
 
-from .conftest import compose_config, tiny_overrides
+from .conftest import compose_config, eval_overrides, tiny_overrides
 
 LABELS = {0: "background", 1: "liver", 2: "lesion"}
 
@@ -82,10 +82,10 @@ def test_confusion_matrices_reach_tensorboard(classification_only_run):
 
 def test_eval_scores_the_tasks_of_a_checkpoint(classification_only_run, tmp_path, phantom_root):
     _, run, _ = classification_only_run
-    overrides = [o for o in tiny_overrides(tmp_path, phantom_root) if not o.startswith("model.")]
-    overrides = [o for o in overrides if "limit_train_batches" not in o]
     ckpt = run / "checkpoints" / "last.ckpt"
-    eval_cfg = compose_config("eval", [*overrides, f"ckpt_path={ckpt}"])
+    eval_cfg = compose_config(
+        "eval", [*eval_overrides(tmp_path, phantom_root), f"ckpt_path={ckpt}"]
+    )
     metrics = pipeline.evaluate(eval_cfg)
     assert "test/lesion_count/f1_macro" in metrics
     rows = read_csv(Path(eval_cfg.paths.output_dir) / "test_metrics.csv")

@@ -26,7 +26,7 @@ from medseg.errors import ConfigError, DataError
 from medseg.evaluation import ScoringPair, pair_folders, score_pairs, write_reports
 from medseg.module import SegmentationModule, build_module
 from medseg.prediction import Predictor, find_input_cases, load_checkpoint, predict_cases
-from medseg.reports import summarize
+from medseg.reports import summarize, write_case_csv, write_summary_json
 from medseg.task_metrics import summarize_case_tasks
 from medseg.training_guards import EpochSeed
 from medseg.utils.instantiate import instantiate_callbacks, instantiate_loggers
@@ -121,6 +121,20 @@ def test_modules(
     `cases`): per-case columns ``<task>/...``, a ``tasks`` section of the summary and
     ``test/<task>/<metric>`` metrics (see :func:`test_tasks`)."""
     output_dir = Path(cfg.paths.output_dir)
+    cascade = modules[0].cascade
+    details: dict = {"checkpoints": [str(c) for c in checkpoints]}
+    task_rows: dict[str, dict] = {}
+    task_metrics: dict[str, float] = {}
+    if cascade.tasks and datamodule is not None:
+        task_rows, details["tasks"], task_metrics = test_tasks(modules[0], datamodule, output_dir)
+    if not cascade.segments:  # only case-level tasks: no label maps to predict or score
+        rows = [{"case_id": c.case_id, **task_rows.get(c.case_id, {})} for c in cases]
+        write_case_csv(rows, output_dir / "test_metrics.csv")
+        summary = {**details, "split": "test", "num_cases": len(rows)}
+        write_summary_json(
+            summary | {"cases": [r["case_id"] for r in rows]}, output_dir / "test_summary.json"
+        )
+        return task_metrics
     predictor = Predictor(modules, **OmegaConf.to_container(cfg.prediction, resolve=True))
     run = predict_cases(predictor, cases, output_dir / "predictions")
     if run.failures:
@@ -129,28 +143,20 @@ def test_modules(
         ScoringPair(c.case_id, run.written[c.case_id], c.label, c.images[0], c.label_masks)
         for c in cases
     ]
-    cascade = modules[0].cascade
     tolerance = cfg.evaluation.nsd_tolerance_mm
     evaluation = score_pairs(pairs, cascade.class_names, cascade.composed_values(), tolerance)
     stage_dice: dict[str, float] = {}
     if len(cascade.stages) > 1:  # each stage's own classes, regrouped from the composed map
-        for stage in cascade.stages:
+        for stage in (s for s in cascade.stages if s.classes):
             names = ["background", *stage.classes]
             scored = score_pairs(pairs, names, cascade.stage_values(stage), tolerance)
             for row, stage_row in zip(evaluation.rows, scored.rows, strict=True):
                 row |= {f"{stage.name}/{k}": v for k, v in stage_row.items() if "dice_" in k}
             means = scored.mean_metrics(f"test/{stage.name}")
             stage_dice |= {k: v for k, v in means.items() if "/dice_" in k}
-    details = {
-        "checkpoints": [str(c) for c in checkpoints],
-        "predictions": str(output_dir / "predictions"),
-        "nsd_tolerance_mm": tolerance,
-    }
-    task_metrics: dict[str, float] = {}
-    if cascade.tasks and datamodule is not None:
-        task_rows, details["tasks"], task_metrics = test_tasks(modules[0], datamodule, output_dir)
-        for row in evaluation.rows:
-            row |= task_rows[row["case_id"]]
+    details |= {"predictions": str(output_dir / "predictions"), "nsd_tolerance_mm": tolerance}
+    for row in evaluation.rows:
+        row |= task_rows.get(row["case_id"], {})
     metrics = write_reports(
         evaluation, pairs, output_dir, "test", details, cfg.evaluation.worst_cases
     )
