@@ -71,6 +71,12 @@ def tiny_overrides(root: Path, data_root: Path) -> list[str]:
     return [*tiny_data_overrides(root, data_root), *TINY_MODEL, f"paths.output_dir={root}/run"]
 
 
+def eval_overrides(root: Path, data_root: Path) -> list[str]:
+    """The tiny phantom's data settings, without the training-only ones (for eval)."""
+    skipped = ("model.", "trainer.", "+trainer.")
+    return [o for o in tiny_overrides(root, data_root) if not o.startswith(skipped)]
+
+
 def compose_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         return compose(name, overrides=list(overrides))

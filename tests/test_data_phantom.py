@@ -235,7 +235,7 @@ def test_second_call_with_same_params_rewrites_nothing(tmp_path: Path) -> None:
     before = file_mtimes(root)
     assert write_small(tmp_path / "phantom") == root
     assert file_mtimes(root) == before
-    assert len(before) == 7
+    assert len(before) == 8  # 3 images, 3 labels, dataset.json, targets.tsv
 
 
 def test_call_with_other_params_regenerates(tmp_path: Path) -> None:

@@ -107,3 +107,20 @@ def test_dropout_is_off_by_default_and_samples_in_training_mode():
     assert not torch.allclose(net(x)[0], net(x)[0])
     with pytest.raises(ConfigError, match=r"model.dropout must be a number in \[0, 1\), got 1"):
         ResidualSEUNet(1, 2, dropout=1)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_decoder_free_network_and_decoder_features(dims):
+    size = (32, 32, 16)[:dims]
+    encoder_only = ResidualSEUNet(
+        1, 0, dims=dims, width=4, num_stages=3, blocks_per_stage=1, decoder=False
+    )
+    assert len(encoder_only.decoder) == 0 and len(encoder_only.seg_heads) == 0
+    features = encoder_only.encode(torch.randn(2, 1, *size))
+    assert [f.shape[1] for f in features] == [4, 8, 16]
+    net = ResidualSEUNet(1, 3, dims=dims, width=4, num_stages=3, blocks_per_stage=1)
+    decoded = net.decode_features(net.encode(torch.randn(2, 1, *size)))
+    assert [tuple(f.shape[:2]) for f in decoded] == [(2, 4), (2, 8)]
+    assert net.decoder_features == [4, 8]
+    with pytest.raises(ConfigError, match="needs its decoder"):
+        ResidualSEUNet(1, 3, width=4, num_stages=3, blocks_per_stage=1, decoder=False)

@@ -17,7 +17,7 @@ from medseg.data.splits import split_cases
 from medseg.errors import DataError
 from medseg.metrics import METRICS
 
-from .conftest import compose_config, run_script, tiny_overrides
+from .conftest import compose_config, eval_overrides, run_script, tiny_overrides
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -80,13 +80,6 @@ def test_checkpoint_is_self_contained(trained_run):
     assert module.hparams.inference["window"] == [32, 32, 16]
     with torch.no_grad():
         assert module.eval()(torch.zeros(1, 1, 32, 32, 16)).shape == (1, 3, 32, 32, 16)
-
-
-def eval_overrides(root: Path, data_root: Path) -> list[str]:
-    """The tiny phantom's data settings, without the training-only ones."""
-    skipped = ("model.", "trainer.", "+trainer.")
-    overrides = [o for o in tiny_overrides(root, data_root) if not o.startswith(skipped)]
-    return overrides
 
 
 def test_eval_rescores_the_checkpoint_on_the_test_split(trained_run, tmp_path, phantom_root):

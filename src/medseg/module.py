@@ -3,7 +3,9 @@ validation, metrics and per-stage optimizers.
 
 A plain multi-class model is a cascade of one stage. Optimization is manual because every
 stage has its own optimizer and scheduler (Lightning's automatic optimization steps all
-optimizers of a module together).
+optimizers of a module together). A stage's tasks (:mod:`medseg.tasks`) add heads to its
+network; their losses join the stage's loss and their heads its optimizer
+(:mod:`medseg.multitask`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torchmetrics.segmentation import DiceScore
 
 from medseg.data.slices import predict_slices
 from medseg.errors import ConfigError, DataError
@@ -26,7 +27,9 @@ from medseg.inference import sliding_window_inference
 from medseg.losses import deep_supervision_loss
 from medseg.models.cascade import CascadePrediction, predict_cascade
 from medseg.models.unet import ResidualSEUNet
+from medseg.multitask import CascadeTasks, lookup_table
 from medseg.stages import Cascade, Finetune, StageSpec, build_cascade, parse_stage
+from medseg.task_metrics import dice_metric, metric_names
 
 log = logging.getLogger(__name__)
 
@@ -94,19 +97,23 @@ class SegmentationModule(L.LightningModule):
         self.nets = nn.ModuleDict(
             {
                 s.name: ResidualSEUNet(
-                    in_channels + len(s.input_masks), s.num_outputs, **{**network, **s.network}
+                    in_channels + len(s.input_masks),
+                    s.num_outputs if s.classes else 0,
+                    decoder=s.needs_decoder,
+                    **{**network, **s.network},
                 )
                 for s in self.cascade.stages
             }
         )
         self.loss = instantiate(loss)
+        self.tasks = CascadeTasks(self.cascade, self.nets, loss)
         self.inference = {"overlap": 0.5, "batch_size": 4, "gaussian": True, **(inference or {})}
         if "window" in self.inference:
             for net in self.nets.values():
                 net.check_input_size(self.inference["window"])
-        self.register_buffer("composed_lut", _lookup(self.cascade.composed_values()), False)
+        self.register_buffer("composed_lut", lookup_table(self.cascade.composed_values()), False)
         for stage in self.cascade.stages:
-            lut = _lookup(self.cascade.stage_values(stage))
+            lut = lookup_table(self.cascade.stage_values(stage))
             self.register_buffer(f"lut_{stage.name}", lut, persistent=False)
         self.multi_stage = len(self.cascade.stages) > 1
         # Test-split metrics are scored by medseg.evaluation in each case's original geometry.
@@ -116,9 +123,11 @@ class SegmentationModule(L.LightningModule):
 
     def _dice_metrics(self) -> nn.ModuleDict:
         """Dice of the composed result, plus each stage's own when there are several."""
-        metrics = {"composed": _dice(len(self.class_names))}
+        metrics = {"composed": dice_metric(len(self.class_names))} if self.cascade.segments else {}
         if self.multi_stage:
-            metrics |= {s.name: _dice(s.num_outputs) for s in self.cascade.stages}
+            metrics |= {
+                s.name: dice_metric(s.num_outputs) for s in self.cascade.stages if s.classes
+            }
         return nn.ModuleDict(metrics)
 
     def stage_target(self, stage: StageSpec, label: torch.Tensor) -> torch.Tensor:
@@ -145,15 +154,45 @@ class SegmentationModule(L.LightningModule):
         """The first stage's network output (the whole model for a single stage)."""
         return self.nets[self.cascade.stages[0].name](image)
 
-    def stage_probabilities(self, stage: StageSpec, inputs: torch.Tensor) -> torch.Tensor:
-        """One stage's softmax [1, K_s, *spatial] by Gaussian sliding window over `inputs`
-        (slice by slice for a 2D network)."""
+    def stage_forward(
+        self, stage: StageSpec, inputs: torch.Tensor, all_levels: bool
+    ) -> tuple[list[torch.Tensor] | None, dict[str, torch.Tensor]]:
+        """A stage's segmentation logits (every decoder level, or only the full-resolution
+        one; None for a stage without classes) and its tasks' raw outputs by task name."""
         net = self.nets[stage.name]
+        net.check_input_size(inputs.shape[2:])
+        encoder = net.encode(inputs)
+        decoder = net.decode_features(encoder, all_levels) if stage.needs_decoder else None
+        segmentation = net.segment(decoder) if stage.classes else None
+        tasks = self.tasks.outputs(stage, encoder, decoder[0] if decoder else None)
+        return segmentation, tasks
+
+    def stage_predictions(
+        self, stage: StageSpec, inputs: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One stage's softmax [1, K_s, *spatial] by Gaussian sliding window over `inputs`
+        (slice by slice for a 2D network), and its tasks' predictions for the volume (see
+        :meth:`CascadeTasks.predict`): dense tasks are blended with the segmentation,
+        case-level heads are averaged over the windows."""
+        case_outputs: dict[str, list[torch.Tensor]] = {t.name: [] for t in stage.case_tasks}
+
+        def predictor(windows: torch.Tensor) -> torch.Tensor:
+            segmentation, tasks = self.stage_forward(stage, windows, all_levels=False)
+            for name, outputs in case_outputs.items():
+                outputs.append(tasks[name])
+            # A stage without classes is all background (one constant channel).
+            seg = (
+                segmentation[0]
+                if segmentation
+                else windows.new_zeros(len(windows), 1, *windows.shape[2:])
+            )
+            dense = [tasks[t.name] for t in stage.dense_tasks]
+            return torch.cat([x.float() for x in (seg, *dense)], dim=1)
 
         def sliding_window(volume: torch.Tensor) -> torch.Tensor:
             return sliding_window_inference(
                 volume,
-                net,
+                predictor,
                 window=self.inference["window"],
                 overlap=self.inference["overlap"],
                 batch_size=self.inference["batch_size"],
@@ -161,10 +200,15 @@ class SegmentationModule(L.LightningModule):
             )
 
         if self.hparams.slice_axis is None:
-            logits = sliding_window(inputs)
+            outputs = sliding_window(inputs)
         else:
-            logits = predict_slices(inputs, self.hparams.slice_axis, sliding_window)
-        return torch.softmax(logits, dim=1)
+            outputs = predict_slices(inputs, self.hparams.slice_axis, sliding_window)
+        logits, dense = outputs.split([stage.num_outputs, outputs.shape[1] - stage.num_outputs], 1)
+        return torch.softmax(logits, dim=1), self.tasks.predict(stage, dense, case_outputs)
+
+    def stage_probabilities(self, stage: StageSpec, inputs: torch.Tensor) -> torch.Tensor:
+        """One stage's softmax [1, K_s, *spatial] by Gaussian sliding window over `inputs`."""
+        return self.stage_predictions(stage, inputs)[0]
 
     def predict_volume(
         self, image: torch.Tensor, spacing: Sequence[float] | None = None
@@ -176,34 +220,71 @@ class SegmentationModule(L.LightningModule):
         augmentation: :func:`medseg.inference.predict_cascade_averaged`.
         """
         spacing = [float(s) for s in spacing] if spacing is not None else [1.0] * (image.ndim - 2)
-        return predict_cascade(image, spacing, self.cascade, self.stage_probabilities)
+        task_predictions: dict[str, torch.Tensor] = {}
+
+        def stage_probabilities(stage: StageSpec, inputs: torch.Tensor) -> torch.Tensor:
+            probabilities, tasks = self.stage_predictions(stage, inputs)
+            task_predictions.update(tasks)
+            return probabilities
+
+        prediction = predict_cascade(image, spacing, self.cascade, stage_probabilities)
+        prediction.tasks = task_predictions
+        return prediction
 
     # -- training --------------------------------------------------------------------------
 
     def trainable_stages(self) -> list[str]:
         return self.cascade.trainable(self.current_epoch)
 
+    def setup(self, stage: str) -> None:
+        if stage != "fit" or not self.tasks.case_tasks:
+            return
+        datamodule = self.trainer.datamodule
+        if not hasattr(datamodule, "target_statistics"):
+            raise RuntimeError(
+                "case-level tasks fit class weights and target scaling to the training split: "
+                "train with a SegmentationDataModule"
+            )
+        self.tasks.set_statistics(datamodule.target_statistics())
+
     def on_train_epoch_start(self) -> None:
         trainable = set(self.trainable_stages())
         for name, net in self.nets.items():
             net.requires_grad_(name in trainable)
+            if name in self.tasks.heads:
+                self.tasks.heads[name].requires_grad_(name in trainable)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         trainable = self.trainable_stages()
         optimizers = _as_list(self.optimizers())
         total = torch.zeros((), device=batch["image"].device)
+        size = len(batch["image"])
         for name in trainable:
             stage = self.cascade.stage(name)
-            target = self.stage_target(stage, batch["label"])
-            outputs = self.nets[name](self.stage_input(stage, batch["image"], batch.get("priors")))
-            if isinstance(outputs, list):
-                loss = deep_supervision_loss(self.loss, outputs, target)
-            else:
-                loss = self.loss(outputs, target)
-            if self.multi_stage:
-                self.log(f"train/{name}/loss", loss, batch_size=len(target))
-            total = total + stage.loss_weight * loss
-        self.log("train/loss", total, prog_bar=True, batch_size=len(batch["image"]))
+            inputs = self.stage_input(stage, batch["image"], batch.get("priors"))
+            segmentation, outputs = self.stage_forward(
+                stage, inputs, all_levels=self.nets[name].deep_supervision
+            )
+            if segmentation is not None:
+                target = self.stage_target(stage, batch["label"])
+                loss = deep_supervision_loss(self.loss, segmentation, target)
+                if self.multi_stage:
+                    self.log(f"train/{name}/loss", loss, batch_size=size)
+                total = total + stage.loss_weight * loss
+            for task in stage.tasks:
+                loss = self.tasks.loss(task, outputs[task.name], batch)
+                weight = task.weight.at(self.current_epoch)
+                self.log(f"train/{task.name}/loss", loss, batch_size=size)
+                if not task.weight.constant:
+                    self.log(
+                        f"train/{task.name}/weight",
+                        weight,
+                        on_step=False,
+                        on_epoch=True,
+                        batch_size=size,
+                    )
+                total = total + weight * loss
+        self.log("train/loss", total, prog_bar=True, batch_size=size)
         stepped = [optimizers[self.cascade.names.index(n)] for n in trainable]
         for optimizer in stepped:
             optimizer.zero_grad()
@@ -226,7 +307,7 @@ class SegmentationModule(L.LightningModule):
         for stage in self.cascade.stages:
             overrides = stage.optim
             optimizer = instantiate(_merge(self.hparams.optimizer, overrides.get("optimizer")))(
-                params=self.nets[stage.name].parameters()
+                params=self.tasks.parameter_groups(stage, self.nets[stage.name])
             )
             optimizers.append(optimizer)
             scheduler_cfg = _merge(self.hparams.scheduler, overrides.get("scheduler"))
@@ -263,25 +344,32 @@ class SegmentationModule(L.LightningModule):
                 "checkpoint's networks do not match this configuration"
             )
         result = self.load_state_dict(state, strict=False)
-        missing_nets = sorted(
-            {k.split(".")[1] for k in result.missing_keys if k.startswith("nets.")}
-        )
-        if missing_nets:
-            log.warning("finetune: no weights in %s for stages %s", path, missing_nets)
+        for prefix, what in (("nets.", "stages"), ("tasks.heads.", "the task heads of stages")):
+            missing = sorted(
+                {
+                    k.removeprefix(prefix).split(".")[0]
+                    for k in result.missing_keys
+                    if k.startswith(prefix)
+                }
+            )
+            if missing:
+                log.warning("finetune: no weights in %s for %s %s", path, what, missing)
 
     # -- evaluation ------------------------------------------------------------------------
 
     def _evaluate_volume(self, batch: dict, split: str) -> CascadePrediction:
         prediction = self.predict_volume(batch["image"], batch["spacing"][0])
-        target = self.composed_target(batch["label"])
-        log_probs = torch.log(prediction.probabilities.clamp_min(1e-8))
-        self.log(f"{split}/loss", self.loss(log_probs, target), batch_size=1, sync_dist=True)
         metrics = self.metrics[f"{split}_metrics"]
-        metrics["composed"].update(prediction.labels, target[:, 0])
-        if self.multi_stage:
-            for stage in self.cascade.stages:
+        if self.cascade.segments:
+            target = self.composed_target(batch["label"])
+            log_probs = torch.log(prediction.probabilities.clamp_min(1e-8))
+            self.log(f"{split}/loss", self.loss(log_probs, target), batch_size=1, sync_dist=True)
+            metrics["composed"].update(prediction.labels, target[:, 0])
+        for stage in self.cascade.stages:
+            if stage.name in metrics:
                 stage_target = self.stage_target(stage, batch["label"])[:, 0]
                 metrics[stage.name].update(prediction.stage_labels[stage.name], stage_target)
+        self.tasks.update(split, prediction.tasks, batch)
         return prediction
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -302,21 +390,26 @@ class SegmentationModule(L.LightningModule):
             self.log(f"{prefix}/dice_mean", scores.nanmean(), prog_bar=key == "composed")
             metric.reset()
 
+    def _log_tasks(self, split: str) -> None:
+        for name, value in self.tasks.compute(split, self.current_epoch).items():
+            self.log(name, value)
+
+    def validation_metric_names(self) -> list[str]:
+        """Every metric validation logs (what checkpoints and sweeps may monitor)."""
+        names = []
+        if self.cascade.segments:
+            names += ["val/loss", *(f"val/dice_{c}" for c in self.class_names[1:]), "val/dice_mean"]
+        for stage in self.cascade.stages:
+            if stage.name in self.metrics["val_metrics"]:
+                names += [f"val/{stage.name}/dice_{c}" for c in stage.classes]
+                names.append(f"val/{stage.name}/dice_mean")
+        for task in self.cascade.tasks:
+            names += [f"val/{task.name}/{metric}" for metric in metric_names(task)]
+        return names
+
     def on_validation_epoch_end(self) -> None:
         self._log_dice("val")
-
-
-def _dice(num_classes: int) -> DiceScore:
-    return DiceScore(
-        num_classes=num_classes, include_background=False, average="none", input_format="index"
-    )
-
-
-def _lookup(mapping: Mapping[int, int]) -> torch.Tensor:
-    lut = torch.zeros(max(mapping) + 1, dtype=torch.long)
-    for value, index in mapping.items():
-        lut[value] = index
-    return lut
+        self._log_tasks("val")
 
 
 def _as_list(value) -> list:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import lightning as L
 import rich
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -23,15 +24,18 @@ from medseg import checkpoints, plots
 from medseg.checkpoints import AtomicCheckpointIO, StoreRunConfig, check_compatible
 from medseg.data.cache import FINGERPRINT_FILE, cache_size_bytes, validate_dataset
 from medseg.data.cases import Case, parse_labels
+from medseg.data.datamodule import SegmentationDataModule
 from medseg.data.fingerprint import override_line, suggest
 from medseg.errors import ConfigError, DataError
 from medseg.evaluation import ScoringPair, pair_folders, score_pairs, write_reports
 from medseg.module import SegmentationModule, build_module
 from medseg.prediction import Predictor, find_input_cases, load_checkpoint, predict_cases
+from medseg.reports import summarize, write_case_csv, write_summary_json
+from medseg.task_metrics import summarize_case_tasks
 from medseg.training_guards import EpochSeed
 from medseg.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from medseg.utils.io import atomic_write_text
-from medseg.utils.rich_utils import print_fingerprint
+from medseg.utils.rich_utils import print_fingerprint, print_task_table
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         OmegaConf.to_container(training_masks, resolve=True) if training_masks else None,
     )
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    _check_monitored_metrics(module, callbacks)
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         callbacks=[*callbacks, EpochSeed(cfg.seed), StoreRunConfig(resolved)],
@@ -98,6 +103,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             test_cases,
             cfg,
             checkpoints=[best] if best else [],
+            datamodule=datamodule,
         )
         for logger in trainer.loggers:
             logger.log_metrics(test_metrics, step=trainer.global_step)
@@ -111,10 +117,29 @@ def test_modules(
     cases: Sequence[Case],
     cfg: DictConfig,
     checkpoints: Sequence[str],
+    datamodule: SegmentationDataModule | None = None,
 ) -> dict[str, float]:
     """Predict labelled cases into ``<output_dir>/predictions``, score them in their own
-    geometry and write the ``test`` report; returns ``test/<metric>_<class>`` means."""
+    geometry and write the ``test`` report; returns ``test/<metric>_<class>`` means.
+
+    A model with tasks also has them scored on `datamodule`'s test split (whose cases are
+    `cases`): per-case columns ``<task>/...``, a ``tasks`` section of the summary and
+    ``test/<task>/<metric>`` metrics (see :func:`test_tasks`)."""
     output_dir = Path(cfg.paths.output_dir)
+    cascade = modules[0].cascade
+    details: dict = {"checkpoints": [str(c) for c in checkpoints]}
+    task_rows: dict[str, dict] = {}
+    task_metrics: dict[str, float] = {}
+    if cascade.tasks and datamodule is not None:
+        task_rows, details["tasks"], task_metrics = test_tasks(modules[0], datamodule, output_dir)
+    if not cascade.segments:  # only case-level tasks: no label maps to predict or score
+        rows = [{"case_id": c.case_id, **task_rows.get(c.case_id, {})} for c in cases]
+        write_case_csv(rows, output_dir / "test_metrics.csv")
+        summary = {**details, "split": "test", "num_cases": len(rows)}
+        write_summary_json(
+            summary | {"cases": [r["case_id"] for r in rows]}, output_dir / "test_summary.json"
+        )
+        return task_metrics
     predictor = Predictor(modules, **OmegaConf.to_container(cfg.prediction, resolve=True))
     run = predict_cases(predictor, cases, output_dir / "predictions")
     if run.failures:
@@ -123,35 +148,89 @@ def test_modules(
         ScoringPair(c.case_id, run.written[c.case_id], c.label, c.images[0], c.label_masks)
         for c in cases
     ]
-    cascade = modules[0].cascade
     tolerance = cfg.evaluation.nsd_tolerance_mm
     evaluation = score_pairs(pairs, cascade.class_names, cascade.composed_values(), tolerance)
     stage_dice: dict[str, float] = {}
     if len(cascade.stages) > 1:  # each stage's own classes, regrouped from the composed map
-        for stage in cascade.stages:
+        for stage in (s for s in cascade.stages if s.classes):
             names = ["background", *stage.classes]
             scored = score_pairs(pairs, names, cascade.stage_values(stage), tolerance)
             for row, stage_row in zip(evaluation.rows, scored.rows, strict=True):
                 row |= {f"{stage.name}/{k}": v for k, v in stage_row.items() if "dice_" in k}
             means = scored.mean_metrics(f"test/{stage.name}")
             stage_dice |= {k: v for k, v in means.items() if "/dice_" in k}
-    details = {
-        "checkpoints": [str(c) for c in checkpoints],
-        "predictions": str(output_dir / "predictions"),
-        "nsd_tolerance_mm": tolerance,
-    }
+    details |= {"predictions": str(output_dir / "predictions"), "nsd_tolerance_mm": tolerance}
+    for row in evaluation.rows:
+        row |= task_rows.get(row["case_id"], {})
     metrics = write_reports(
         evaluation, pairs, output_dir, "test", details, cfg.evaluation.worst_cases
     )
-    return metrics | stage_dice
+    return metrics | stage_dice | task_metrics
+
+
+def test_tasks(
+    module: SegmentationModule, datamodule: SegmentationDataModule, output_dir: Path
+) -> tuple[dict[str, dict], dict[str, dict], dict[str, float]]:
+    """Score the module's tasks on the test split, on the network's voxel grid.
+
+    Returns per-case columns by case id, the summary (case-level tasks next to a trivial
+    baseline fitted on the training split: the majority class, the mean; dense tasks as
+    per-case statistics) and the ``test/<task>/<metric>`` values; draws each classification
+    task's confusion matrix to ``plots/<task>_confusion_matrix.png``. An ensemble's tasks are
+    scored with its first member.
+    """
+    datamodule.setup("test")
+    rows: dict[str, dict] = {}
+    with torch.no_grad():
+        for batch in datamodule.test_dataloader():
+            batch = {k: v.to(module.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            predictions = module.predict_volume(batch["image"], batch["spacing"][0]).tasks
+            module.tasks.update("test", predictions, batch)
+            spacing = batch["spacing"][0].tolist()
+            rows[batch["case_id"][0]] = module.tasks.test_row(predictions, batch, spacing)
+    metrics = {k: float(v) for k, v in module.tasks.compute("test", module.current_epoch).items()}
+    cascade, ordered = module.cascade, [rows[c] for c in sorted(rows)]
+    summary = summarize_case_tasks(ordered, cascade.case_tasks, module.tasks.statistics())
+    for task in cascade.tasks:
+        if task.type == "segmentation":
+            summary[task.name] = {
+                "dice": summarize(ordered, f"{task.name}/dice", task.class_names[1:])
+            }
+        elif task.type == "voxel_regression":
+            summary[task.name] = {"mae_mm": summarize(ordered, f"{task.name}/mae", ["mm"])["mm"]}
+    print_task_table(f"test tasks ({len(rows)} cases)", summary)
+    for name, matrix in module.tasks.confusion_matrices["test"].items():
+        figure = plots.confusion_matrix(
+            matrix.numpy(), module.tasks.specs[name].class_names, unit="cases"
+        )
+        plots.save_figure(figure, output_dir / "plots" / f"{name}_confusion_matrix.png")
+    return rows, summary, metrics
+
+
+def _check_monitored_metrics(module: SegmentationModule, callbacks: list) -> None:
+    """A checkpoint callback must monitor a validation metric the model logs (checked before
+    any training, rather than by Lightning after the first validation)."""
+    logged = module.validation_metric_names()
+    for callback in callbacks:
+        monitor = getattr(callback, "monitor", None) or ""
+        if (
+            isinstance(callback, ModelCheckpoint)
+            and monitor.startswith("val/")
+            and monitor not in logged
+        ):
+            raise ConfigError(
+                f"callbacks.model_checkpoint.monitor={monitor} is not logged by this model; "
+                f"set optimized_metric to one of {logged}"
+            )
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Score a checkpoint (or an ensemble) on the test split of ``cfg.data``, or a folder of
     predictions against a folder of labels (``pred_dir``, ``label_dir``).
 
-    With a checkpoint, its own preprocessing is used (the network only works on data
-    prepared the way it was trained), whatever ``cfg.data.preprocess`` says.
+    With a checkpoint, its own preprocessing and patch size are used (the network only works
+    on data prepared the way it was trained, and a case-level head on volumes padded as in
+    training), whatever ``cfg.data.preprocess`` and ``cfg.data.patch_size`` say.
     """
     paths = _checkpoint_paths(cfg.get("ckpt_path"))
     if bool(paths) == bool(cfg.get("pred_dir")):
@@ -162,15 +241,23 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if not paths:
         return _evaluate_folders(cfg)
     modules = [load_checkpoint(p) for p in paths]
-    datamodule = instantiate(cfg.data, preprocess=modules[0].hparams.preprocess)
+    datamodule = instantiate(
+        cfg.data,
+        preprocess=modules[0].hparams.preprocess,
+        patch_size=modules[0].hparams.inference["window"],
+    )
     if datamodule.dataset.labels != modules[0].hparams.dataset_labels:
         raise ConfigError(
             f"the checkpoint was trained on labels {modules[0].hparams.dataset_labels}, but "
             f"{datamodule.dataset.root} declares {datamodule.dataset.labels}"
         )
     validate_dataset(datamodule.dataset, datamodule.settings)
+    if modules[0].cascade.tasks:  # their targets come with the datamodule
+        datamodule.attach_cascade(modules[0].cascade)
     cases = [datamodule.dataset.case(i) for i in datamodule.split.test]
-    return test_modules(modules, cases, cfg, checkpoints=[str(p) for p in paths])
+    return test_modules(
+        modules, cases, cfg, checkpoints=[str(p) for p in paths], datamodule=datamodule
+    )
 
 
 def _evaluate_folders(cfg: DictConfig) -> dict[str, float]:

@@ -192,15 +192,18 @@ def metric_boxplots(
     return figure
 
 
-def confusion_matrix(counts: np.ndarray, class_names: Sequence[str]) -> Figure:
-    """Voxel confusion matrix, each reference row normalized to 1, with the voxel counts."""
+def confusion_matrix(
+    counts: np.ndarray, class_names: Sequence[str], unit: str = "voxels"
+) -> Figure:
+    """Confusion matrix of `unit` (voxels, or cases for a classification task), each
+    reference row normalized to 1, with the counts."""
     totals = counts.sum(1, keepdims=True)
     fractions = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
     size = 1.2 + 0.9 * len(class_names)
     figure = Figure(figsize=(size + 1, size), layout="constrained")
     axis = figure.subplots()
     shown = axis.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
-    figure.colorbar(shown, ax=axis, label="fraction of reference voxels")
+    figure.colorbar(shown, ax=axis, label=f"fraction of reference {unit}")
     ticks = range(len(class_names))
     axis.set_xticks(ticks, class_names, rotation=45, ha="right")
     axis.set_yticks(ticks, class_names)

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from medseg.errors import ConfigError
+from medseg.tasks import TaskSpec, parse_task
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,20 @@ class StageSpec:
     epochs: int | None = None  # epochs this stage trains before the next starts; None: to the end
     network: dict = field(default_factory=dict)  # overrides of the `model` network settings
     optim: dict = field(default_factory=dict)  # overrides of model.optimizer / model.scheduler
+    tasks: tuple[TaskSpec, ...] = ()  # more heads on this stage's network (see medseg.tasks)
+
+    @property
+    def dense_tasks(self) -> list[TaskSpec]:
+        return [t for t in self.tasks if not t.is_case_level]
+
+    @property
+    def case_tasks(self) -> list[TaskSpec]:
+        return [t for t in self.tasks if t.is_case_level]
+
+    @property
+    def needs_decoder(self) -> bool:
+        """Whether the network needs its decoder (for segmentation or dense tasks)."""
+        return bool(self.classes or self.dense_tasks)
 
     @property
     def values(self) -> set[int]:
@@ -45,6 +60,7 @@ class StageSpec:
 
     @property
     def num_outputs(self) -> int:
+        """Segmentation outputs, background included (1 for a stage without classes)."""
         return 1 + len(self.classes)
 
     def as_dict(self) -> dict:
@@ -61,6 +77,7 @@ class StageSpec:
             "epochs": self.epochs,
             "network": dict(self.network),
             "optim": dict(self.optim),
+            "tasks": [t.as_dict() for t in self.tasks],
         }
 
 
@@ -106,6 +123,19 @@ class Cascade:
     def class_names(self) -> list[str]:
         """Classes of the composed label map: background, then every stage's classes in order."""
         return ["background", *(c for s in self.stages for c in s.classes)]
+
+    @property
+    def segments(self) -> bool:
+        """Whether the cascade segments anything (not only tasks without a label map)."""
+        return len(self.class_names) > 1
+
+    @property
+    def tasks(self) -> list[TaskSpec]:
+        return [t for s in self.stages for t in s.tasks]
+
+    @property
+    def case_tasks(self) -> list[TaskSpec]:
+        return [t for s in self.stages for t in s.case_tasks]
 
     def composed_values(self) -> dict[int, int]:
         """Source label value -> composed class index (the last stage claiming it wins)."""
@@ -192,8 +222,8 @@ def _validate(stages: Sequence[StageSpec], labels: dict[int, str], finetune: Fin
             raise ConfigError(f"{key}: the stage name {stage.name!r} is used twice")
         if not stage.name.isidentifier():
             raise ConfigError(f"{key}: a stage name must be an identifier (letters, digits, _)")
-        if not stage.classes:
-            raise ConfigError(f"{key}: classes is empty")
+        if not stage.classes and not stage.tasks:
+            raise ConfigError(f"{key}: classes is empty and the stage has no tasks")
         for name, values in stage.classes.items():
             bad = sorted(set(values) - set(labels) | ({0} & set(values)))
             if not values or bad:
@@ -214,6 +244,13 @@ def _validate(stages: Sequence[StageSpec], labels: dict[int, str], finetune: Fin
                     f"{key}: refers to the later stage {ref!r}; a stage can only use the masks "
                     f"of earlier stages ({seen})"
                 )
+            if not next(s for s in stages if s.name == ref).classes:
+                raise ConfigError(f"{key}: uses the mask of stage {ref!r}, which has no classes")
+        if stage.tasks and stage.region is not None:
+            raise ConfigError(
+                f"{key}: tasks need a stage that sees the whole volume; this stage works in "
+                f"the region of {stage.region.stage!r}"
+            )
         if stage.region is not None:
             parent = next(s for s in stages if s.name == stage.region.stage)
             if not stage.values <= parent.values:
@@ -233,6 +270,14 @@ def _validate(stages: Sequence[StageSpec], labels: dict[int, str], finetune: Fin
         if stage.epochs is None and i < len(stages) - 1:
             raise ConfigError(f"{key}: epochs is required for every stage but the last")
         seen.append(stage.name)
+    names = list(seen)
+    for task in (t for s in stages for t in s.tasks):
+        if task.name in names:
+            raise ConfigError(
+                f"task name {task.name!r} is used twice (task and stage names must differ: "
+                "they name metrics)"
+            )
+        names.append(task.name)
     unknown = sorted(set(finetune.stages or ()) - set(seen))
     if unknown:
         raise ConfigError(f"finetune.stages names unknown stages {unknown}; known: {seen}")
@@ -250,6 +295,9 @@ def parse_stage(entry: Mapping, index: int, dataset_labels: Mapping[int, str]) -
     if "name" not in entry:
         raise ConfigError(f"stage.stages[{index}]: every stage needs a name")
     classes = entry.get("classes")
+    tasks = entry.get("tasks") or []
+    if not isinstance(tasks, Sequence) or isinstance(tasks, str):
+        raise ConfigError(f"stage.stages[{index}]: tasks must be a list of tasks")
     if classes is None:
         classes = {name: [value] for value, name in dataset_labels.items() if value != 0}
     parsed_classes = {
@@ -268,6 +316,10 @@ def parse_stage(entry: Mapping, index: int, dataset_labels: Mapping[int, str]) -
         epochs=entry.get("epochs"),
         network=dict(entry.get("network") or {}),
         optim=dict(entry.get("optim") or {}),
+        tasks=tuple(
+            parse_task(task, f"stage.stages[{index}].tasks[{i}]", dataset_labels)
+            for i, task in enumerate(tasks)
+        ),
     )
 
 

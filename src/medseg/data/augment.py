@@ -172,10 +172,18 @@ def _default(slice_axis: int | None) -> Augmentation:
     )
 
 
+def _mirror(slice_axis: int | None) -> Augmentation:
+    """Mirroring only: keeps volumes and counts (for case-level targets such as an organ's
+    volume in mL, which scaling would change)."""
+    flip = tio.RandomFlip(axes=_flip_axes(slice_axis), flip_probability=0.5, copy=False)
+    return Augmentation(None, tio.Compose([flip], copy=False))
+
+
 PRESETS: dict[str, Callable[[int | None], Augmentation]] = {
     "none": _none,
     "light": _light,
     "default": _default,
+    "mirror": _mirror,
 }
 
 

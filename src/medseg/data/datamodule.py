@@ -40,6 +40,13 @@ from medseg.data.preselect import labelled_corners
 from medseg.data.slices import check_slice_axis, patch_collate, volume_patch_size
 from medseg.data.splits import Split, split_cases
 from medseg.data.subjects import collate_subjects
+from medseg.data.targets import (
+    SignedDistanceMaps,
+    case_targets,
+    read_target_table,
+    target_key,
+    target_statistics,
+)
 from medseg.data.zarr_store import (
     discover_zarr_dataset,
     is_zarr_store,
@@ -86,6 +93,8 @@ class SegmentationDataModule(L.LightningDataModule):
             (``labelled`` sampler).
         augmentation: preset name (see :mod:`medseg.data.augment`).
         test_fraction, num_folds, fold, split_seed: see :func:`split_cases`.
+        targets: ``{path, id_column}`` of a CSV/TSV file with case-level targets (one row
+            per case), read when a stage has classification or regression tasks.
     """
 
     def __init__(
@@ -111,6 +120,7 @@ class SegmentationDataModule(L.LightningDataModule):
         num_folds: int = 5,
         fold: int = 0,
         split_seed: int = 0,
+        targets: Mapping | None = None,
     ):
         super().__init__()
         self.root = Path(root).expanduser()
@@ -156,19 +166,28 @@ class SegmentationDataModule(L.LightningDataModule):
         self.split_args = dict(
             test_fraction=test_fraction, num_folds=num_folds, fold=fold, seed=split_seed
         )
+        self.targets = dict(targets) if targets else None
+        if self.targets is not None and not self.targets.get("path"):
+            raise ConfigError(
+                "data.targets.path must name a .tsv or .csv file (or data.targets=null)"
+            )
         self.cache_root: Path | None = None
         self.cases: dict[str, list[PreparedCase]] = {}
         self._checked = False
         self.cascade: Cascade | None = None
         self.training_masks: dict = {"source": "perturbed"}
+        self.case_targets: dict[str, dict[str, int | float]] = {}
         self._regions: dict[tuple[str, float], RegionFilter] = {}
 
     def attach_cascade(self, cascade: Cascade, training_masks: Mapping | None = None) -> None:
-        """Make training data follow a cascade's stage schedule.
+        """Make training data follow a cascade's stage schedule and carry its tasks' targets.
+
+        The targets of case-level tasks are read and checked here, before any training.
 
         Args:
             cascade: the stages being trained: the patch sampler follows the schedule, and
-                later stages get earlier stages' masks (``priors`` in the batch).
+                later stages get earlier stages' masks (``priors`` in the batch); every task
+                gets its targets in the batch under its name.
             training_masks: how later stages see earlier stages' masks during training:
                 ``{source: perturbed, ...}`` (keyword arguments of PerturbedStageMasks) or
                 ``{source: predictions, dir: <folder of <stage>/<case_id>.nii.gz>}``.
@@ -179,6 +198,25 @@ class SegmentationDataModule(L.LightningDataModule):
             raise RuntimeError("attach_cascade must be called before setup()")
         self.cascade = cascade
         self.training_masks = masks
+        self.case_targets = self._read_case_targets(cascade)
+
+    def _read_case_targets(self, cascade: Cascade) -> dict[str, dict[str, int | float]]:
+        tasks = cascade.case_tasks
+        if not tasks:
+            return {}
+        if self.targets is None:
+            raise ConfigError(
+                f"tasks {[t.name for t in tasks]} read case-level targets, but data.targets "
+                "is not set: give data.targets.path (a .tsv or .csv file, one row per case)"
+            )
+        table = read_target_table(self.targets["path"], self.targets.get("id_column", "case_id"))
+        return case_targets(table, tasks, [c.case_id for c in self.dataset.cases])
+
+    def target_statistics(self) -> dict[str, dict]:
+        """Per case-level task, the statistics of the training split's targets: class
+        ``counts`` (classification) or ``mean`` and ``std`` (regression)."""
+        tasks = self.cascade.case_tasks if self.cascade else []
+        return target_statistics(tasks, (self.case_targets[c] for c in self.split.train))
 
     def _write_phantom(self) -> None:
         if self.phantom is not None:
@@ -234,6 +272,9 @@ class SegmentationDataModule(L.LightningDataModule):
                 continue
             ids = self.shares[name]
             self.cases[name] = open_cases(self.dataset, self.settings, self.cache_root, ids)
+            for case in self.cases[name]:
+                targets = self.case_targets.get(case.case_id, {})
+                case.values = {target_key(task): value for task, value in targets.items()}
             if name == "train":
                 self._add_training_extras(self.cases[name])
 
@@ -340,6 +381,15 @@ class SegmentationDataModule(L.LightningDataModule):
             self._regions[key].prepare(self.cases["train"])
         return self._regions[key]
 
+    def _distance_maps(self) -> tio.Transform | None:
+        """Voxel-regression targets, computed from each (augmented) label after every
+        intensity transform."""
+        tasks = self.cascade.tasks if self.cascade else []
+        tasks = [t for t in tasks if t.type == "voxel_regression"]
+        if not tasks:
+            return None
+        return SignedDistanceMaps({t.name: (t.distance_to, t.clip_mm) for t in tasks})
+
     def _locator(self, epoch: int) -> PatchLocator:
         probabilities = self.label_probabilities or {v: 1.0 for v in self.dataset.labels}
         unknown = sorted(set(probabilities) - set(self.dataset.labels))
@@ -358,7 +408,11 @@ class SegmentationDataModule(L.LightningDataModule):
         )
 
     def train_dataset(self, epoch: int = 0) -> PatchDataset:
-        transforms = [self.augmentation.transforms, self._stage_masks_transform()]
+        transforms = [
+            self.augmentation.transforms,
+            self._stage_masks_transform(),
+            self._distance_maps(),
+        ]
         transforms = [t for t in transforms if t is not None]
         return PatchDataset(
             self.cases["train"],
@@ -398,7 +452,7 @@ class SegmentationDataModule(L.LightningDataModule):
 
     def _volume_loader(self, name: str) -> DataLoader:
         return DataLoader(
-            VolumeDataset(self.cases[name]),
+            VolumeDataset(self.cases[name], self._distance_maps()),
             batch_size=1,
             # Cached cases are read from disk by workers; in-memory ones are already here.
             num_workers=self.num_workers if self.cache_root is not None else 0,

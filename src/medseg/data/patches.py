@@ -120,8 +120,9 @@ class PatchDataset(Dataset):
     """``samples_per_volume`` augmented patches per case, as TorchIO subjects.
 
     Each subject has ``image`` [C, *patch], ``label`` [1, *patch], the case's earlier-stage
-    masks ``prior_<stage>`` [1, *patch] if it has any, ``case_id`` and ``tio.LOCATION`` (the
-    patch's [x0, y0, z0, x1, y1, z1] in the case's voxels, before augmentation).
+    masks ``prior_<stage>`` [1, *patch] if it has any, ``case_id``, the case's ``values``
+    (case-level targets) and ``tio.LOCATION`` (the patch's [x0, y0, z0, x1, y1, z1] in the
+    case's voxels, before augmentation).
 
     Args:
         cases: the training cases.
@@ -172,7 +173,7 @@ class PatchDataset(Dataset):
         }
         for name, mask in masks.items():
             fields[name] = tio.LabelMap(tensor=mask, affine=affine)
-        subject = tio.Subject(**fields)
+        subject = tio.Subject(**fields, **case.values)
         return subject if self.transform is None else self.transform(subject)
 
     def _read(
@@ -261,13 +262,16 @@ class ReadyPatchSampler(tio.data.PatchSampler):
 
 
 class VolumeDataset(Dataset):
-    """Whole prepared cases as TorchIO subjects (validation, test)."""
+    """Whole prepared cases as TorchIO subjects (validation, test), optionally transformed
+    (e.g. voxel targets computed from the label)."""
 
-    def __init__(self, cases: Sequence[PreparedCase]):
+    def __init__(self, cases: Sequence[PreparedCase], transform: tio.Transform | None = None):
         self.cases = list(cases)
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.cases)
 
     def __getitem__(self, index: int) -> tio.Subject:
-        return self.cases[index].subject()
+        subject = self.cases[index].subject()
+        return subject if self.transform is None else self.transform(subject)

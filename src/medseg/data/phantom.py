@@ -29,16 +29,19 @@ from medseg.errors import DataError
 
 __all__ = [
     "FORMAT_VERSION",
+    "LESION_CLASSES",
+    "TARGETS_FILE",
     "PhantomCase",
     "case_name",
     "case_seed",
     "count_lesions",
     "generate_case",
+    "lesion_class",
     "phantom_affine",
     "write_phantom_dataset",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Bump whenever the generator's output changes, so cached datasets are regenerated."""
 
 DEFAULT_SHAPE: tuple[int, int, int] = (160, 160, 48)
@@ -55,6 +58,10 @@ P_NO_LESION = 0.15
 VERTEBRA_PERIOD_MM = 28.0
 DISC_THICKNESS_MM = 7.0
 LABEL_NAMES = {"0": "background", "1": "liver", "2": "lesion"}
+# Case-level targets, written to targets.tsv next to the images: the number of lesions, its
+# class (LESION_CLASSES by count, the last one for that count and more) and the liver volume.
+TARGETS_FILE = "targets.tsv"
+LESION_CLASSES = ("none", "one", "several")
 _INSTALL_ATTEMPTS = 10
 
 Axes = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -511,6 +518,11 @@ def count_lesions(label: np.ndarray) -> int:
     return int(ndi.label(np.asarray(label) == 2)[1])
 
 
+def lesion_class(num_lesions: int) -> str:
+    """The lesion-count class of a case: none, one or several."""
+    return LESION_CLASSES[min(num_lesions, len(LESION_CLASSES) - 1)]
+
+
 def case_seed(seed: int, index: int) -> int:
     """Per-case seed, derived from the dataset seed independently of the number of cases."""
     sequence = np.random.SeedSequence(entropy=seed, spawn_key=(index,))
@@ -579,6 +591,7 @@ def _write_all(staging: Path, params: dict[str, Any]) -> None:
     shape = tuple(params["shape"])
     spacing = tuple(params["spacing"])
     training = []
+    targets = ["case_id\tnum_lesions\tlesion_class\tliver_volume_ml"]
     for index in range(params["num_cases"]):
         case = generate_case(
             case_seed(params["seed"], index), shape, spacing, params["max_lesions"]
@@ -587,6 +600,11 @@ def _write_all(staging: Path, params: dict[str, Any]) -> None:
         _save_nifti(case.image, case.affine, staging / "imagesTr" / name)
         _save_nifti(case.label, case.affine, staging / "labelsTr" / name)
         training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+        targets.append(
+            f"{case_name(index)}\t{case.num_lesions}\t{lesion_class(case.num_lesions)}\t"
+            f"{case.liver_volume_ml:.3f}"
+        )
+    (staging / TARGETS_FILE).write_text("\n".join(targets) + "\n")
     meta = {
         "name": "Phantom",
         "description": (
@@ -650,7 +668,9 @@ def write_phantom_dataset(
     spacing: tuple[float, float, float] = DEFAULT_SPACING,
     max_lesions: int = 3,
 ) -> Path:
-    """Write (or reuse) a phantom dataset in Medical Segmentation Decathlon layout at ``root``.
+    """Write (or reuse) a phantom dataset in Medical Segmentation Decathlon layout at ``root``,
+    with the case-level targets in ``targets.tsv`` (case_id, num_lesions, lesion_class,
+    liver_volume_ml).
 
     Returns immediately if ``root`` already holds a phantom made with the same parameters.
     Otherwise the dataset is built in a unique sibling directory and renamed into place, so

@@ -37,6 +37,8 @@ class PreparedCase:
             ``labelled``), or None.
         priors: stage -> [x, y, z] mask of an earlier cascade stage's predictions (training
             with ``stage.training_masks.source=predictions``).
+        values: plain subject fields carried by every patch and volume of the case (the
+            case-level targets of tasks, ``target_<task>``).
     """
 
     case_id: str
@@ -48,6 +50,7 @@ class PreparedCase:
     statistics: np.ndarray | None = None
     preselected: np.ndarray | None = None
     priors: dict[str, Any] = field(default_factory=dict)
+    values: dict[str, int | float] = field(default_factory=dict)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -107,7 +110,7 @@ class PreparedCase:
         }
         if label is not None:
             fields["label"] = tio.LabelMap(tensor=torch.from_numpy(label), affine=self.affine)
-        return tio.Subject(**fields)
+        return tio.Subject(**fields, **self.values)
 
 
 def _read_mask(array: Any, inside: tuple, padding: list) -> np.ndarray:

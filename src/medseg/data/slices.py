@@ -35,11 +35,17 @@ def volume_patch_size(patch_size: Sequence[int], slice_axis: int | None) -> tupl
 
 
 def _collate_slices(subjects, slice_axis: int) -> dict:
-    batch = collate_subjects(subjects)
-    for key in ("image", "label"):
-        if key in batch:
-            batch[key] = batch[key].squeeze(2 + slice_axis)
-    return batch
+    """Every [B, C, x, y, z] field of the batch (image, label, earlier-stage priors, voxel
+    targets) without the slice axis."""
+
+    def drop_slice_axis(value):
+        if isinstance(value, dict):
+            return {k: drop_slice_axis(v) for k, v in value.items()}
+        if torch.is_tensor(value) and value.ndim == 5:
+            return value.squeeze(2 + slice_axis)
+        return value
+
+    return {key: drop_slice_axis(value) for key, value in collate_subjects(subjects).items()}
 
 
 def patch_collate(slice_axis: int | None) -> Callable:

@@ -12,6 +12,7 @@ import torchio as tio
 
 from medseg.data.cascade import PRIOR_PREFIX
 from medseg.data.cases import NIFTI_SUFFIXES, Case
+from medseg.data.targets import TARGET_PREFIX
 
 
 def read_image(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -75,8 +76,10 @@ def case_to_subject(case: Case, label_maps: Mapping[str, Path] | None = None) ->
 
 def collate_subjects(subjects: Sequence[tio.Subject]) -> dict:
     """Batch dict: ``image`` float32 [B, C, *spatial], ``label`` int64 [B, 1, *spatial],
-    ``case_id`` list, ``spacing`` float [B, 3] (mm), ``location`` [B, 6] for patches, and
-    ``priors``: stage -> float [B, 1, *spatial] earlier-stage masks of a cascade."""
+    ``case_id`` list, ``spacing`` float [B, 3] (mm), ``location`` [B, 6] for patches,
+    ``priors``: stage -> float [B, 1, *spatial] earlier-stage masks of a cascade, and every
+    task's targets under the task's name: int64 [B] class indices, float32 [B] values or
+    float32 [B, 1, *spatial] maps."""
     batch: dict = {
         "image": torch.stack([s["image"].data.float() for s in subjects]),
         "case_id": [s["case_id"] for s in subjects],
@@ -90,6 +93,15 @@ def collate_subjects(subjects: Sequence[tio.Subject]) -> dict:
             k.removeprefix(PRIOR_PREFIX): torch.stack([s[k].data.float() for s in subjects])
             for k in priors
         }
+    for key in (k for k in subjects[0] if k.startswith(TARGET_PREFIX)):
+        values = [s[key] for s in subjects]
+        if isinstance(values[0], tio.Image):
+            target = torch.stack([v.data.float() for v in values])
+        elif isinstance(values[0], int):
+            target = torch.tensor(values, dtype=torch.int64)
+        else:
+            target = torch.tensor(values, dtype=torch.float32)
+        batch[key.removeprefix(TARGET_PREFIX)] = target
     if tio.LOCATION in subjects[0]:
         batch["location"] = torch.stack([torch.as_tensor(s[tio.LOCATION]) for s in subjects])
     return batch

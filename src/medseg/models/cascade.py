@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,12 +33,14 @@ class CascadePrediction:
     stage_probabilities: stage name -> [1, K_s, *spatial] that stage's softmax (background
         outside its region); :func:`compose` rebuilds everything else from these, e.g. after
         resampling them to another grid.
+    tasks: task name -> that task's prediction (see medseg.multitask.CascadeTasks.predict).
     """
 
     labels: torch.Tensor
     probabilities: torch.Tensor
     stage_labels: dict[str, torch.Tensor]
     stage_probabilities: dict[str, torch.Tensor]
+    tasks: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def bounding_box(mask: torch.Tensor, margin: Sequence[int]) -> Box | None:

@@ -22,7 +22,8 @@ class ResidualSEUNet(nn.Module):
 
     Args:
         in_channels: image channels (modalities).
-        num_classes: segmentation output channels (background included).
+        num_classes: segmentation output channels (background included); 0 for a network
+            whose outputs are all task heads (see :mod:`medseg.models.heads`).
         dims: 2 or 3 spatial dimensions.
         width: features of the first stage; stage i has ``min(width * 2**i, max_features)``.
         max_features: cap on features per stage.
@@ -38,6 +39,8 @@ class ResidualSEUNet(nn.Module):
             (full resolution first); in eval mode only the full-resolution logits.
         dropout: dropout probability inside every residual block (0 disables it; needed
             > 0 for Monte-Carlo dropout uncertainty at inference).
+        decoder: build the decoder (a network whose heads all read encoder features, such as
+            case classification, needs none).
     """
 
     def __init__(
@@ -56,6 +59,7 @@ class ResidualSEUNet(nn.Module):
         se_ratio: float = 0.25,
         deep_supervision: bool = True,
         dropout: float = 0.0,
+        decoder: bool = True,
     ):
         super().__init__()
         _check_choice("model.dims", dims, (2, 3))
@@ -65,9 +69,12 @@ class ResidualSEUNet(nn.Module):
             or not 0 <= dropout < 1
         ):
             raise ConfigError(f"model.dropout must be a number in [0, 1), got {dropout!r}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ConfigError(f"model.num_classes must be an integer >= 0, got {num_classes!r}")
+        if num_classes and not decoder:
+            raise ConfigError("a network with segmentation outputs needs its decoder")
         for key, value in {
             "model.in_channels": in_channels,
-            "model.num_classes": num_classes,
             "model.width": width,
             "model.max_features": max_features,
             "model.num_stages": num_stages,
@@ -96,7 +103,7 @@ class ResidualSEUNet(nn.Module):
         self.upsamplers = nn.ModuleList()
         self.decoder = nn.ModuleList()
         self.seg_heads = nn.ModuleList()
-        for level in reversed(range(num_stages - 1)):
+        for level in reversed(range(num_stages - 1) if decoder else ()):
             skip_channels = self.features[level]
             self.upsamplers.append(
                 transposed_conv(dims, channels, skip_channels, self.strides[level + 1])
@@ -106,7 +113,8 @@ class ResidualSEUNet(nn.Module):
                 ConvNormAct(dims, skip_channels, skip_channels) for _ in range(decoder_blocks - 1)
             ]
             self.decoder.append(nn.Sequential(*units))
-            self.seg_heads.append(conv(dims, skip_channels, num_classes, kernel_size=1))
+            if num_classes:
+                self.seg_heads.append(conv(dims, skip_channels, num_classes, kernel_size=1))
             channels = skip_channels
         self.apply(_init_weights)
 
@@ -127,20 +135,42 @@ class ResidualSEUNet(nn.Module):
             skips.append(x)
         return skips
 
+    @property
+    def decoder_features(self) -> list[int]:
+        """Channels of the decoder's outputs, full resolution first."""
+        return self.features[: len(self.decoder)]
+
+    def decode_features(
+        self, skips: list[torch.Tensor], all_levels: bool = True
+    ) -> list[torch.Tensor]:
+        """Features of every decoder level from the encoder features, full resolution first.
+
+        With ``all_levels=False`` only the full-resolution level is returned.
+        """
+        if not self.decoder:
+            raise RuntimeError("this network was built without a decoder")
+        x = skips[-1]
+        features = []
+        for i, (up, block) in enumerate(zip(self.upsamplers, self.decoder, strict=True)):
+            x = block(torch.cat([up(x), skips[-2 - i]], dim=1))
+            if all_levels or i == len(self.decoder) - 1:
+                features.append(x)
+        return features[::-1]
+
+    def segment(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Segmentation logits of decoder features (all levels, or only the full-resolution
+        one), full resolution first."""
+        if not self.seg_heads:
+            raise RuntimeError("this network has no segmentation outputs (num_classes=0)")
+        heads = list(self.seg_heads)[::-1][: len(features)]
+        return [head(x) for head, x in zip(heads, features, strict=True)]
+
     def decode(self, skips: list[torch.Tensor], all_levels: bool = True) -> list[torch.Tensor]:
         """Segmentation logits from the encoder features, full resolution first.
 
         With ``all_levels=False`` only the full-resolution head runs (inference).
         """
-        x = skips[-1]
-        outputs = []
-        for i, (up, block, head) in enumerate(
-            zip(self.upsamplers, self.decoder, self.seg_heads, strict=True)
-        ):
-            x = block(torch.cat([up(x), skips[-2 - i]], dim=1))
-            if all_levels or i == len(self.decoder) - 1:
-                outputs.append(head(x))
-        return outputs[::-1]
+        return self.segment(self.decode_features(skips, all_levels))
 
     def check_input_size(self, size: Sequence[int]) -> None:
         """Raise a ConfigError unless `size` suits the network (before any compute is spent)."""

@@ -81,3 +81,29 @@ def print_fingerprint(fingerprint: Mapping, cache: object, size_bytes: int) -> N
 
 def _vector(values: Sequence[float]) -> str:
     return " x ".join(f"{v:g}" for v in values)
+
+
+def print_task_table(title: str, tasks: Mapping[str, Mapping]) -> None:
+    """One row per task and metric: the model's value and, for case-level tasks, that of the
+    trivial baseline (majority class, or the training mean)."""
+    table = rich.table.Table(title=title, header_style="bold")
+    for column in ("task", "metric", "model", "baseline"):
+        table.add_column(column, justify="left" if column in ("task", "metric") else "right")
+    for task, summary in tasks.items():
+        if "baseline" in summary:
+            baseline = summary["baseline"]
+            for metric, value in summary.items():
+                if isinstance(value, float):
+                    reference = baseline.get(metric)
+                    table.add_row(
+                        task,
+                        metric,
+                        _format(value),
+                        "-" if reference is None else _format(reference),
+                    )
+        else:
+            for name, stats in summary.get("dice", {}).items():
+                table.add_row(task, f"dice_{name} (mean)", _format(stats["mean"]), "-")
+            if "mae_mm" in summary:
+                table.add_row(task, "mae_mm (mean)", _format(summary["mae_mm"]["mean"]), "-")
+    rich.print(table)
