@@ -95,6 +95,39 @@ def test_eval_scores_the_tasks_of_a_checkpoint(classification_only_run, tmp_path
     )
 
 
+def test_predict_writes_case_level_predictions(classification_only_run, tmp_path, phantom_root):
+    _, run, _ = classification_only_run
+    trained = {r["case_id"]: r for r in read_csv(run / "test_metrics.csv")}
+    tested = json.loads((run / "test_summary.json").read_text())["checkpoints"][0]
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for case_id in trained:  # the test cases' images, as a user's folder
+        (inputs / f"{case_id}.nii.gz").symlink_to(phantom_root / "imagesTr" / f"{case_id}.nii.gz")
+    output = tmp_path / "predicted"
+    cfg = compose_config(
+        "predict",
+        [
+            f"ckpt_path={tested}",
+            f"input={inputs}",
+            f"output={output}",
+            f"paths.log_dir={tmp_path / 'logs'}",
+            "prediction.precision=32-true",
+        ],
+    )
+    assert pipeline.predict(cfg) == {"predicted_cases": 2.0}
+    rows = {r["case_id"]: r for r in read_csv(output / "case_predictions.csv")}
+    assert set(rows) == set(trained)
+    classes = ("none", "one", "several")
+    for case_id, row in rows.items():
+        probabilities = [float(row[f"lesion_count/probability_{c}"]) for c in classes]
+        assert sum(probabilities) == pytest.approx(1, abs=1e-5)
+        assert row["lesion_count/predicted"] == classes[probabilities.index(max(probabilities))]
+        # predict (original files) and the test report (prepared cases) see the same volume
+        reported = [float(trained[case_id][f"lesion_count/probability_{c}"]) for c in classes]
+        assert probabilities == pytest.approx(reported, abs=1e-3)
+    assert not list(output.glob("*.nii.gz"))  # no segmentation: no label maps
+
+
 def test_scheduled_loss_weight_and_head_learning_rate(tmp_path, phantom_root):
     overrides = multitask_overrides(
         tmp_path,

@@ -176,7 +176,9 @@ def predict_cascade_averaged(
     members, the mirrored copies of its input (every subset of `mirror_axes`, flipped back)
     and, with ``mc_dropout_samples > 0``, that many passes with dropout active. A later
     stage's region and input masks therefore come from the averaged earlier stage, and the
-    cascade decides (thresholds, nesting) once, on the averages.
+    cascade decides (thresholds, nesting) once, on the averages. Case-level tasks are
+    averaged the same way (class probabilities, regression values) and returned in the
+    prediction's ``tasks``; dense tasks are not.
     """
     if precision not in AUTOCAST_DTYPES:
         raise ConfigError(f"precision must be one of {list(AUTOCAST_DTYPES)}, got {precision!r}")
@@ -190,9 +192,11 @@ def predict_cascade_averaged(
         raise ConfigError("an ensemble needs at least one module")
     flips = mirror_flips(mirror_axes)
     dtype = AUTOCAST_DTYPES[precision]
+    case_tasks: dict[str, torch.Tensor] = {}
 
     def averaged(stage: StageSpec, inputs: torch.Tensor) -> torch.Tensor:
         total: torch.Tensor | None = None
+        task_totals = {t.name: 0.0 for t in stage.case_tasks}
         count = 0
         for module in modules:
             for flip in flips:
@@ -200,12 +204,18 @@ def predict_cascade_averaged(
                 flipped = inputs.flip(dims) if dims else inputs
                 for _ in range(max(mc_dropout_samples, 1)):
                     with torch.autocast(inputs.device.type, dtype=dtype, enabled=dtype is not None):
-                        probabilities = module.stage_probabilities(stage, flipped).float()
+                        probabilities, tasks = module.stage_predictions(stage, flipped)
+                    probabilities = probabilities.float()
                     probabilities = probabilities.flip(dims) if dims else probabilities
                     total = probabilities if total is None else total.add_(probabilities)
+                    for name in task_totals:
+                        task_totals[name] = task_totals[name] + tasks[name].float()
                     count += 1
+        case_tasks.update({name: value / count for name, value in task_totals.items()})
         return total.div_(count)
 
     sampling = active_dropout(modules) if mc_dropout_samples else contextlib.nullcontext()
     with torch.no_grad(), sampling:
-        return predict_cascade(image, spacing, modules[0].cascade, averaged)
+        prediction = predict_cascade(image, spacing, modules[0].cascade, averaged)
+    prediction.tasks = case_tasks
+    return prediction

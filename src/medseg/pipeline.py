@@ -314,14 +314,14 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     cases = find_input_cases(cfg.input)
     output = Path(cfg.output).expanduser()
     run = predict_cases(predictor, cases, output, save_probabilities=cfg.save_probabilities)
-    log.info("predicted %d of %d case(s) into %s", len(run.written), len(cases), output)
+    log.info("predicted %d of %d case(s) into %s", len(run.predicted), len(cases), output)
     if run.failures:
         problems = "\n".join(f"  - {failure}" for failure in run.failures)
         raise DataError(
             f"{len(run.failures)} of {len(cases)} input(s) could not be predicted (the others "
             f"were written to {output}):\n{problems}"
         )
-    return {"predicted_cases": float(len(run.written))}
+    return {"predicted_cases": float(len(run.predicted))}
 
 
 def _resume_checkpoint(cfg: DictConfig, callbacks: list) -> Path | None:

@@ -32,6 +32,7 @@ from medseg.errors import ConfigError, DataError
 from medseg.inference import predict_cascade_averaged
 from medseg.models.cascade import compose
 from medseg.module import SegmentationModule
+from medseg.reports import write_case_csv
 from medseg.utils.io import atomic_save_nifti
 
 log = logging.getLogger(__name__)
@@ -137,14 +138,18 @@ class CasePrediction:
     labels: np.ndarray  # dataset label values
     probabilities: np.ndarray  # float32 [*spatial, K]
     entropy: np.ndarray | None = None  # float32 [*spatial], nats; with MC dropout
+    # case-level task outputs as CSV columns: a class name and its probabilities, or a value
+    tasks: dict[str, str | float] = field(default_factory=dict)
 
 
 @dataclass
 class PredictionRun:
     """What a run over many cases wrote, and which cases failed (one message each)."""
 
-    written: dict[str, Path] = field(default_factory=dict)
+    predicted: list[str] = field(default_factory=list)  # case ids
+    written: dict[str, Path] = field(default_factory=dict)  # case id -> label map
     failures: list[str] = field(default_factory=list)
+    case_table: Path | None = None  # case_predictions.csv of case-level tasks
 
 
 class Predictor:
@@ -228,7 +233,25 @@ class Predictor:
             labels=labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.int16),
             probabilities=np.moveaxis(probabilities.cpu().numpy(), 0, -1).astype(np.float32),
             entropy=entropy,
+            tasks=self._case_task_columns(prediction.tasks),
         )
+
+    def _case_task_columns(self, predictions: dict[str, torch.Tensor]) -> dict[str, str | float]:
+        """``<task>/predicted``: the predicted class (name) or value;
+        ``<task>/probability_<class>``: the class probabilities (averaged over the ensemble,
+        mirroring and MC dropout), named as in the test report's ``test_metrics.csv``."""
+        columns: dict[str, str | float] = {}
+        for task in self.modules[0].cascade.case_tasks:
+            value = predictions[task.name][0].cpu()
+            if task.type == "classification":
+                columns[f"{task.name}/predicted"] = task.class_names[int(value.argmax())]
+                columns |= {
+                    f"{task.name}/probability_{name}": float(p)
+                    for name, p in zip(task.class_names, value.tolist(), strict=True)
+                }
+            else:
+                columns[f"{task.name}/predicted"] = float(value)
+        return columns
 
     def _load(self, case: Case) -> tio.Subject:
         subject = case_to_subject(case)
@@ -254,7 +277,8 @@ def write_prediction(
     prediction: CasePrediction, output_dir: str | Path, save_probabilities: bool = False
 ) -> Path:
     """Write ``<case>.nii.gz`` (and ``probabilities/``, ``entropy/`` maps) with the header and
-    affine of the input file, atomically. Returns the label map's path."""
+    affine of the input file, atomically. Returns the label map's path. (Case-level task
+    outputs go to one table for all cases: see :func:`predict_cases`.)"""
     output_dir = Path(output_dir)
     path = output_dir / f"{prediction.case_id}.nii.gz"
     atomic_save_nifti(_like(prediction.reference, prediction.labels), path)
@@ -287,9 +311,17 @@ def predict_cases(
     save_probabilities: bool = False,
     progress: bool = True,
 ) -> PredictionRun:
-    """Predict and write every case; a case that fails is reported and the others go on."""
+    """Predict and write every case; a case that fails is reported and the others go on.
+
+    A model with case-level tasks (classification, regression) also gets
+    ``case_predictions.csv``: one row per predicted case (``case_id`` and the columns of
+    :meth:`Predictor._case_task_columns`), written atomically once all cases are done. A
+    model with only case-level tasks writes no label maps.
+    """
+    segments = predictor.modules[0].cascade.segments
     cases = list(cases)
     run = PredictionRun()
+    task_rows: list[dict] = []
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("predicting", total=len(cases))
         for case in cases:
@@ -300,9 +332,16 @@ def predict_cases(
                 log.error("%s", error)
                 run.failures.append(str(error))
             else:
-                run.written[case.case_id] = write_prediction(
-                    prediction, output_dir, save_probabilities
-                )
-                log.info("%s -> %s", case.case_id, run.written[case.case_id])
+                run.predicted.append(case.case_id)
+                if segments:
+                    run.written[case.case_id] = write_prediction(
+                        prediction, output_dir, save_probabilities
+                    )
+                    log.info("%s -> %s", case.case_id, run.written[case.case_id])
+                if prediction.tasks:
+                    task_rows.append({"case_id": case.case_id, **prediction.tasks})
             bar.advance(task)
+    if task_rows:
+        run.case_table = write_case_csv(task_rows, Path(output_dir) / "case_predictions.csv")
+        log.info("case-level task predictions -> %s", run.case_table)
     return run
