@@ -43,7 +43,24 @@ def make_module(
     ).eval()
 
 
-class NearestLabel(nn.Module):
+class OneLevelNet(nn.Module):
+    """A hand-made stand-in for a stage's ResidualSEUNet: `forward` gives the logits, and the
+    encode / decode / segment interface the module calls passes the input through to it."""
+
+    def check_input_size(self, size) -> None:
+        pass
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [x]
+
+    def decode_features(self, skips: list[torch.Tensor], all_levels: bool = True) -> list:
+        return skips
+
+    def segment(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self(features[0])]
+
+
+class NearestLabel(OneLevelNet):
     """Voxel-wise logits whose argmax is the label value nearest to the intensity."""
 
     def __init__(self, num_classes: int = 3):
@@ -204,7 +221,7 @@ def test_probability_maps_are_written_with_the_input_affine(phantom_label, tmp_p
     assert not list((tmp_path / "out").glob(".*"))  # no temporary files left behind
 
 
-class MirrorSymmetricNet(nn.Module):
+class MirrorSymmetricNet(OneLevelNet):
     """A 3x3x3 convolution whose kernels are symmetric under every flip: flips commute with it."""
 
     def __init__(self):

@@ -251,7 +251,9 @@ class CascadeTasks(nn.Module):
             if task.is_case_level:
                 row |= case_row(task, prediction[0], target[0])
             elif task.type == "segmentation":
-                scores = case_metrics(prediction[0], target[0], task.class_names, spacing)
+                scores = case_metrics(
+                    prediction[0].cpu().numpy(), target[0].cpu().numpy(), task.class_names, spacing
+                )
                 row |= {f"{name}/{k}": v for k, v in scores.items() if k.startswith("dice")}
             else:
                 row[f"{name}/mae_mm"] = float((prediction - target).abs().mean())
