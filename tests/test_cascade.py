@@ -1,5 +1,6 @@
 """Cascade inference: ROI crop and paste-back, composition, and nesting of the classes."""
 
+import pytest
 import torch
 
 from medseg.models.cascade import bounding_box, crop, paste, predict_cascade
@@ -85,3 +86,18 @@ def test_threshold_decides_the_stage_foreground():
 
     result = predict_cascade(torch.zeros(1, 1, 11, 4, 4), [1.0] * 3, cascade, predict)
     assert (result.labels[0, :, 0, 0] == 1).tolist() == [False] * 7 + [True] * 4
+
+
+@pytest.mark.parametrize("largest_component", [True, False])
+def test_largest_component_drops_a_stray_organ_blob_and_its_lesions(largest_component):
+    cascade = build_cascade(cascade_cfg(s0={"largest_component": largest_component}), LABELS)
+    organ = torch.zeros(20, 16, 8, dtype=torch.bool)
+    organ[2:10, 3:11, 1:7] = True  # the organ
+    organ[15:18, 12:15, 3:5] = True  # a stray false positive far from it
+    stray = torch.zeros_like(organ)
+    stray[15:18, 12:15, 3:5] = True
+    predict, _ = fake_predictors(organ)
+    result = predict_cascade(torch.randn(1, 1, 20, 16, 8), [1.0] * 3, cascade, predict)
+    kept = organ & ~stray if largest_component else organ
+    assert torch.equal(result.stage_labels["organ"][0] > 0, kept)
+    assert torch.equal(result.labels[0] == 2, kept)  # lesions only in what is kept

@@ -56,6 +56,7 @@ def test_single_stage_predicts_every_dataset_label():
         ({"s1": {"classes": {"liver": [2]}}}, "class name 'liver' is used twice"),
         ({"s1": {"thresh": 0.5}}, "unknown keys ['thresh']"),
         ({"s1": {"name": "le.sion"}}, "a stage name must be an identifier"),
+        ({"s0": {"largest_component": "yes"}}, "largest_component must be true or false"),
     ],
 )
 def test_invalid_stages_give_a_clear_error(changes, message):

@@ -34,6 +34,8 @@ class StageSpec:
     input_masks: tuple[str, ...] = ()
     region: Region | None = None
     threshold: float | None = None  # None: argmax; else foreground if 1 - p(background) >= it
+    # keep only the largest connected component of the foreground (an organ that occurs once)
+    largest_component: bool = False
     loss_weight: float = 1.0
     epochs: int | None = None  # epochs this stage trains before the next starts; None: to the end
     network: dict = field(default_factory=dict)  # overrides of the `model` network settings
@@ -73,6 +75,7 @@ class StageSpec:
             if self.region is None
             else {"stage": self.region.stage, "margin_mm": self.region.margin_mm},
             "threshold": self.threshold,
+            "largest_component": self.largest_component,
             "loss_weight": self.loss_weight,
             "epochs": self.epochs,
             "network": dict(self.network),
@@ -262,6 +265,12 @@ def _validate(stages: Sequence[StageSpec], labels: dict[int, str], finetune: Fin
                 raise ConfigError(f"{key}: region.margin_mm must be >= 0")
         if stage.threshold is not None and not 0 < stage.threshold < 1:
             raise ConfigError(f"{key}: threshold must be in (0, 1) or null, got {stage.threshold}")
+        if not isinstance(stage.largest_component, bool):
+            raise ConfigError(
+                f"{key}: largest_component must be true or false, got {stage.largest_component!r}"
+            )
+        if stage.largest_component and not stage.classes:
+            raise ConfigError(f"{key}: largest_component needs a stage with classes")
         if stage.epochs is not None and (i == len(stages) - 1 or stage.epochs < 1):
             raise ConfigError(
                 f"{key}: epochs must be a positive integer for every stage but the last, which "
@@ -312,6 +321,7 @@ def parse_stage(entry: Mapping, index: int, dataset_labels: Mapping[int, str]) -
         if region
         else None,
         threshold=entry.get("threshold"),
+        largest_component=entry.get("largest_component", False),
         loss_weight=float(entry.get("loss_weight", 1.0)),
         epochs=entry.get("epochs"),
         network=dict(entry.get("network") or {}),

@@ -12,7 +12,9 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+from scipy import ndimage
 
 from medseg.stages import Cascade, StageSpec
 
@@ -99,13 +101,29 @@ def _in_region(
     return paste(predict(stage, crop(inputs, box)), box, shape, background)
 
 
+def largest_component(mask: torch.Tensor) -> torch.Tensor:
+    """`mask` [N, *spatial] with only the largest connected component (26-connected in 3D,
+    8 in 2D) of each item kept. scipy labels the components: torch has no such operation."""
+    kept = torch.zeros_like(mask)
+    for i, item in enumerate(mask.cpu().numpy()):
+        components, count = ndimage.label(item, structure=np.ones((3,) * item.ndim))
+        if count > 1:
+            sizes = np.bincount(components.ravel())[1:]
+            item = components == 1 + int(sizes.argmax())
+        kept[i] = torch.from_numpy(item)
+    return kept
+
+
 def _stage_foreground(
     stage: StageSpec, probabilities: torch.Tensor, masks: Mapping[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A stage's decision: foreground [1, *] (inside its region stage's mask) and classes."""
+    """A stage's decision: foreground [1, *] (inside its region stage's mask; its largest
+    component if the stage asks) and classes."""
     foreground, classes = decide(probabilities, stage.threshold)
     if stage.region is not None:
         foreground = foreground & masks[stage.region.stage]
+    if stage.largest_component:
+        foreground = largest_component(foreground)
     return foreground, classes
 
 
