@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from medseg.models.cascade import bounding_box, crop, paste, predict_cascade
+from medseg.models.cascade import bounding_box, crop, grow_box, paste, predict_cascade
 from medseg.stages import build_cascade
 
 from .test_stages import LABELS, cascade_cfg
@@ -101,3 +101,19 @@ def test_largest_component_drops_a_stray_organ_blob_and_its_lesions(largest_comp
     kept = organ & ~stray if largest_component else organ
     assert torch.equal(result.stage_labels["organ"][0] > 0, kept)
     assert torch.equal(result.labels[0] == 2, kept)  # lesions only in what is kept
+
+
+def test_region_boxes_grow_to_the_window_inside_the_volume():
+    shape = (40, 30, 12)
+    # centred growth, a shift away from the border, and an axis shorter than the window
+    box = (slice(10, 14), slice(0, 3), slice(4, 6))
+    assert grow_box(box, (8, 10, 16), shape) == (slice(8, 16), slice(0, 10), slice(0, 12))
+    assert grow_box(box, (2, 2, 2), shape) == box  # already large enough: unchanged
+    cascade = build_cascade(cascade_cfg(), LABELS)
+    organ = torch.zeros(40, 30, 12, dtype=torch.bool)
+    organ[20:23, 28:30, 5:7] = True
+    predict, seen = fake_predictors(organ)
+    image = torch.randn(1, 1, *shape)
+    result = predict_cascade(image, [10.0, 10.0, 10.0], cascade, predict, min_box_size=(16, 16, 8))
+    assert seen["lesion"].shape == (1, 2, 16, 16, 8)  # the window, not the 5x4x4 box
+    assert torch.equal(result.labels[0] == 2, organ)

@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from medseg.data.slices import predict_slices
+from medseg.data.slices import predict_slices, volume_patch_size
 from medseg.errors import ConfigError, DataError
 from medseg.inference import sliding_window_inference
 from medseg.losses import deep_supervision_loss
@@ -210,6 +210,11 @@ class SegmentationModule(L.LightningModule):
         """One stage's softmax [1, K_s, *spatial] by Gaussian sliding window over `inputs`."""
         return self.stage_predictions(stage, inputs)[0]
 
+    @property
+    def region_box_size(self) -> tuple[int, ...]:
+        """The smallest box a region stage predicts in: one sliding window (3D voxels)."""
+        return volume_patch_size(self.inference["window"], self.hparams.slice_axis)
+
     def predict_volume(
         self, image: torch.Tensor, spacing: Sequence[float] | None = None
     ) -> CascadePrediction:
@@ -227,7 +232,9 @@ class SegmentationModule(L.LightningModule):
             task_predictions.update(tasks)
             return probabilities
 
-        prediction = predict_cascade(image, spacing, self.cascade, stage_probabilities)
+        prediction = predict_cascade(
+            image, spacing, self.cascade, stage_probabilities, self.region_box_size
+        )
         prediction.tasks = task_predictions
         return prediction
 

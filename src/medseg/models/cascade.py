@@ -73,6 +73,18 @@ def paste(region: torch.Tensor, box: Box, shape: Sequence[int], fill: torch.Tens
     return out
 
 
+def grow_box(box: Box, min_size: Sequence[int], shape: Sequence[int]) -> Box:
+    """`box` grown around its centre to at least `min_size` voxels per axis, shifted to stay
+    inside a volume of `shape` (clipped where the volume itself is smaller)."""
+    grown = []
+    for part, size, length in zip(box, min_size, shape, strict=True):
+        extent = min(max(part.stop - part.start, int(size)), int(length))
+        start = part.start - (extent - (part.stop - part.start)) // 2
+        start = min(max(start, 0), int(length) - extent)
+        grown.append(slice(start, start + extent))
+    return tuple(grown)
+
+
 def margin_voxels(margin_mm: float, spacing: Sequence[float]) -> list[int]:
     return [math.ceil(margin_mm / float(s)) for s in spacing]
 
@@ -168,6 +180,7 @@ def predict_cascade(
     spacing: Sequence[float],
     cascade: Cascade,
     stage_probabilities: StagePredictor,
+    min_box_size: Sequence[int] | None = None,
 ) -> CascadePrediction:
     """Run every stage of `cascade` on one volume and compose the result.
 
@@ -175,6 +188,10 @@ def predict_cascade(
         image: [1, C, *spatial] preprocessed volume.
         spacing: its voxel size in mm (for region margins).
         stage_probabilities: (stage, inputs [1, C + masks, *box]) -> softmax [1, K_s, *box].
+        min_box_size: the smallest region box (voxels per axis), normally the network's
+            window: a later stage then sees real context around a small organ, as its
+            training patches did, rather than the padding a box smaller than the window
+            gets (which biases its predictions).
     """
     masks: dict[str, torch.Tensor] = {}
     probabilities: dict[str, torch.Tensor] = {}
@@ -187,6 +204,8 @@ def predict_cascade(
         else:
             margin = margin_voxels(stage.region.margin_mm, spacing)
             box = bounding_box(masks[stage.region.stage][0], margin)
+            if box is not None and min_box_size is not None:
+                box = grow_box(box, min_box_size, image.shape[2:])
             stage_probs = _in_region(stage, inputs, box, stage_probabilities)
         probabilities[stage.name] = stage_probs
         masks[stage.name] = _stage_foreground(stage, stage_probs, masks)[0]
