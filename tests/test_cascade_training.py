@@ -66,7 +66,8 @@ def fit(tmp_path, phantom_root, extra: list[str], max_epochs: int) -> tuple:
 
 
 def test_stage_schedule_freezes_what_it_says(tmp_path, phantom_root):
-    _, _, snap = fit(tmp_path, phantom_root, ["stage.stages.0.epochs=1"], max_epochs=2)
+    overrides = ["stage.stages.0.epochs=1", "stage.freeze_earlier=true"]
+    _, _, snap = fit(tmp_path, phantom_root, overrides, max_epochs=2)
     w = snap.weights
     # Epoch 0: only the organ stage trains.
     assert not same(w["start", 0]["organ"], w["end", 0]["organ"])

@@ -65,7 +65,9 @@ def test_invalid_stages_give_a_clear_error(changes, message):
 
 
 def test_curriculum_freezes_earlier_stages():
-    cascade = build_cascade(cascade_cfg(s0={"epochs": 3}), LABELS)
+    stage = cascade_cfg(s0={"epochs": 3})
+    stage["freeze_earlier"] = True
+    cascade = build_cascade(stage, LABELS)
     assert [cascade.trainable(e) for e in (0, 2, 3, 10)] == [
         ["organ"],
         ["organ"],
