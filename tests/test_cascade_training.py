@@ -2,12 +2,17 @@
 stages it names; metrics are logged per stage and for the composed result."""
 
 import lightning as L
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from medseg.data.cascade import prediction_mask_paths
+from medseg.data.cases import discover_cases
 from medseg.module import build_module
+from medseg.prediction import Predictor, load_checkpoint, predict_cases
 
 from .conftest import compose_config, tiny_overrides
 
@@ -135,3 +140,25 @@ def test_cascade_logs_stage_and_composed_metrics(tmp_path, phantom_root):
         "test/organ/dice_mean",
     }
     assert expected <= set(metrics)
+
+
+def test_predicted_stage_masks_are_the_training_masks_layout(
+    cascade_checkpoint, phantom_root, tmp_path
+):
+    path, _ = cascade_checkpoint
+    case = discover_cases(phantom_root).cases[0]
+    predictor = Predictor([load_checkpoint(path)], precision="32-true")
+    run = predict_cases(predictor, [case], tmp_path, progress=False, save_stage_masks=True)
+    found = prediction_mask_paths(tmp_path / "stages", ["organ"], [case.case_id])
+    organ = nib.load(found[case.case_id]["organ"])
+    labels = nib.load(run.written[case.case_id])
+    source = nib.load(case.images[0])
+    np.testing.assert_allclose(organ.affine, source.affine)
+    assert organ.shape == source.shape
+    organ_mask = np.asarray(organ.dataobj)
+    assert set(np.unique(organ_mask)) <= {0, 1}
+    # the composed map is the organ stage's foreground, split into liver and lesion
+    np.testing.assert_array_equal(organ_mask > 0, np.asarray(labels.dataobj) > 0)
+    lesion_file = tmp_path / "stages" / "lesion" / f"{case.case_id}.nii.gz"
+    lesion = np.asarray(nib.load(lesion_file).dataobj)
+    assert not np.any(lesion & ~organ_mask.astype(bool))

@@ -313,7 +313,13 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     predictor = Predictor(modules, **OmegaConf.to_container(cfg.prediction, resolve=True))
     cases = find_input_cases(cfg.input)
     output = Path(cfg.output).expanduser()
-    run = predict_cases(predictor, cases, output, save_probabilities=cfg.save_probabilities)
+    run = predict_cases(
+        predictor,
+        cases,
+        output,
+        save_probabilities=cfg.save_probabilities,
+        save_stage_masks=cfg.save_stage_masks,
+    )
     log.info("predicted %d of %d case(s) into %s", len(run.predicted), len(cases), output)
     if run.failures:
         problems = "\n".join(f"  - {failure}" for failure in run.failures)

@@ -138,6 +138,8 @@ class CasePrediction:
     labels: np.ndarray  # dataset label values
     probabilities: np.ndarray  # float32 [*spatial, K]
     entropy: np.ndarray | None = None  # float32 [*spatial], nats; with MC dropout
+    # cascade stage -> uint8 [*spatial] foreground of that stage (every stage with classes)
+    stage_masks: dict[str, np.ndarray] = field(default_factory=dict)
     # case-level task outputs as CSV columns: a class name and its probabilities, or a value
     tasks: dict[str, str | float] = field(default_factory=dict)
 
@@ -233,6 +235,11 @@ class Predictor:
             labels=labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.int16),
             probabilities=np.moveaxis(probabilities.cpu().numpy(), 0, -1).astype(np.float32),
             entropy=entropy,
+            stage_masks={
+                name: (stage_labels[0] > 0).cpu().numpy().astype(np.uint8)
+                for name, stage_labels in composed.stage_labels.items()
+                if self.modules[0].cascade.stage(name).classes
+            },
             tasks=self._case_task_columns(prediction.tasks),
         )
 
@@ -274,14 +281,24 @@ class Predictor:
 
 
 def write_prediction(
-    prediction: CasePrediction, output_dir: str | Path, save_probabilities: bool = False
+    prediction: CasePrediction,
+    output_dir: str | Path,
+    save_probabilities: bool = False,
+    save_stage_masks: bool = False,
 ) -> Path:
-    """Write ``<case>.nii.gz`` (and ``probabilities/``, ``entropy/`` maps) with the header and
-    affine of the input file, atomically. Returns the label map's path. (Case-level task
-    outputs go to one table for all cases: see :func:`predict_cases`.)"""
+    """Write ``<case>.nii.gz`` (and ``probabilities/``, ``entropy/`` maps, and with
+    `save_stage_masks` each cascade stage's foreground as ``stages/<stage>/<case>.nii.gz``,
+    the layout ``stage.training_masks.source=predictions`` reads) with the header and affine
+    of the input file, atomically. Returns the label map's path. (Case-level task outputs go
+    to one table for all cases: see :func:`predict_cases`.)"""
     output_dir = Path(output_dir)
     path = output_dir / f"{prediction.case_id}.nii.gz"
     atomic_save_nifti(_like(prediction.reference, prediction.labels), path)
+    if save_stage_masks:
+        for stage, mask in prediction.stage_masks.items():
+            atomic_save_nifti(
+                _like(prediction.reference, mask), output_dir / "stages" / stage / path.name
+            )
     if save_probabilities:
         atomic_save_nifti(
             _like(prediction.reference, prediction.probabilities),
@@ -310,6 +327,7 @@ def predict_cases(
     output_dir: str | Path,
     save_probabilities: bool = False,
     progress: bool = True,
+    save_stage_masks: bool = False,
 ) -> PredictionRun:
     """Predict and write every case; a case that fails is reported and the others go on.
 
@@ -335,7 +353,7 @@ def predict_cases(
                 run.predicted.append(case.case_id)
                 if segments:
                     run.written[case.case_id] = write_prediction(
-                        prediction, output_dir, save_probabilities
+                        prediction, output_dir, save_probabilities, save_stage_masks
                     )
                     log.info("%s -> %s", case.case_id, run.written[case.case_id])
                 if prediction.tasks:
