@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -54,6 +56,17 @@ def test_dice_ce_combines_both_terms():
     loss = DiceCELoss(dice_weight=2.0, ce_weight=0.5)(logits, label)
     expected = 2.0 * soft_dice_loss(logits, label) + 0.5 * F.cross_entropy(logits, label[:, 0])
     torch.testing.assert_close(loss, expected)
+
+
+def test_focal_term_weighs_each_voxel_by_its_error():
+    # two voxels of class 0 predicted with p = 0.9 and p = 0.5 (two classes)
+    logits = torch.log(torch.tensor([[[0.9, 0.5], [0.1, 0.5]]]))  # [B=1, K=2, 2 voxels]
+    label = torch.zeros(1, 1, 2, dtype=torch.long)
+    focal = DiceCELoss(dice_weight=0.0, focal_gamma=2.0)(logits, label)
+    by_hand = -(0.1**2 * math.log(0.9) + 0.5**2 * math.log(0.5)) / 2
+    assert focal.item() == pytest.approx(by_hand, rel=1e-5)
+    plain = DiceCELoss(dice_weight=0.0, focal_gamma=0.0)(logits, label)
+    assert plain.item() == pytest.approx(-(math.log(0.9) + math.log(0.5)) / 2, rel=1e-5)
 
 
 def test_deep_supervision_weights_halve_and_sum_to_one():

@@ -1,4 +1,5 @@
-"""Segmentation losses: soft Dice + cross-entropy, and deep-supervision weighting."""
+"""Segmentation losses: soft Dice + cross-entropy (or focal loss), and deep-supervision
+weighting."""
 
 from __future__ import annotations
 
@@ -38,8 +39,19 @@ def soft_dice_loss(
     return 1 - dice.mean()
 
 
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Mean focal loss (Lin et al. 2017): cross-entropy of each voxel scaled by
+    ``(1 - p_true) ** gamma``, so confidently right voxels count less; gamma 0 is plain
+    cross-entropy. ``target`` holds class indices [B, *spatial]."""
+    log_p = F.log_softmax(logits.float(), dim=1).gather(1, target[:, None]).squeeze(1)
+    if gamma == 0:
+        return -log_p.mean()
+    return (-((1 - log_p.exp()) ** gamma) * log_p).mean()
+
+
 class DiceCELoss(nn.Module):
-    """Weighted sum of soft Dice (no background by default) and cross-entropy."""
+    """Weighted sum of soft Dice (no background by default) and cross-entropy, or focal loss
+    when ``focal_gamma`` > 0."""
 
     def __init__(
         self,
@@ -48,8 +60,12 @@ class DiceCELoss(nn.Module):
         include_background: bool = False,
         batch_dice: bool = True,
         smooth: float = 1e-5,
+        focal_gamma: float = 0.0,
     ):
         super().__init__()
+        if focal_gamma < 0:
+            raise ValueError(f"loss.focal_gamma must be >= 0, got {focal_gamma}")
+        self.focal_gamma = float(focal_gamma)
         self.dice_weight = dice_weight
         self.ce_weight = ce_weight
         self.include_background = include_background
@@ -58,7 +74,7 @@ class DiceCELoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         dice = soft_dice_loss(logits, target, self.include_background, self.batch_dice, self.smooth)
-        ce = F.cross_entropy(logits.float(), target[:, 0].long())
+        ce = focal_loss(logits, target[:, 0].long(), self.focal_gamma)
         return self.dice_weight * dice + self.ce_weight * ce
 
 
