@@ -81,6 +81,17 @@ def test_curriculum_freezes_earlier_stages():
         cascade.check_epochs(3)
 
 
+def test_stages_may_start_together_only_without_freezing():
+    stage = cascade_cfg(s0={"epochs": 0})
+    stage["freeze_earlier"] = True
+    with pytest.raises(ConfigError, match="0 needs freeze_earlier: false"):
+        build_cascade(stage, LABELS)
+    stage["freeze_earlier"] = False
+    cascade = build_cascade(stage, LABELS)
+    assert cascade.trainable(0) == ["organ", "lesion"]
+    assert cascade.training_epochs("lesion", 10) == cascade.training_epochs("organ", 10) == 10
+
+
 def test_curriculum_without_freezing_keeps_training_earlier_stages():
     stage = cascade_cfg(s0={"epochs": 3})
     stage["freeze_earlier"] = False

@@ -113,7 +113,7 @@ class Cascade:
         self.dataset_labels = dict(dataset_labels)
         # Smoke runs (fast_dev_run) train every stage at once so every code path runs.
         self.train_all_stages = False
-        _validate(self.stages, self.dataset_labels, self.finetune)
+        _validate(self.stages, self.dataset_labels, self.finetune, freeze_earlier)
 
     @property
     def names(self) -> list[str]:
@@ -214,7 +214,12 @@ class Cascade:
             )
 
 
-def _validate(stages: Sequence[StageSpec], labels: dict[int, str], finetune: Finetune) -> None:
+def _validate(
+    stages: Sequence[StageSpec],
+    labels: dict[int, str],
+    finetune: Finetune,
+    freeze_earlier: bool = True,
+) -> None:
     if not stages:
         raise ConfigError("stage.stages is empty: a cascade needs at least one stage")
     seen: list[str] = []
@@ -271,10 +276,14 @@ def _validate(stages: Sequence[StageSpec], labels: dict[int, str], finetune: Fin
             )
         if stage.largest_component and not stage.classes:
             raise ConfigError(f"{key}: largest_component needs a stage with classes")
-        if stage.epochs is not None and (i == len(stages) - 1 or stage.epochs < 1):
+        # epochs 0: the next stage starts at once, which only makes sense if this one keeps
+        # training (freeze_earlier: false)
+        fewest = 1 if freeze_earlier else 0
+        if stage.epochs is not None and (i == len(stages) - 1 or stage.epochs < fewest):
             raise ConfigError(
-                f"{key}: epochs must be a positive integer for every stage but the last, which "
-                "trains until trainer.max_epochs (epochs: null)"
+                f"{key}: epochs must be an integer >= {fewest} for every stage but the last, "
+                "which trains until trainer.max_epochs (epochs: null)"
+                + ("; 0 needs freeze_earlier: false" if freeze_earlier else "")
             )
         if stage.epochs is None and i < len(stages) - 1:
             raise ConfigError(f"{key}: epochs is required for every stage but the last")
