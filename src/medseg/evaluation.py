@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 
 from medseg import plots
-from medseg.data.cases import _affines_match, group_case_files
+from medseg.data.cases import affines_match, group_case_files
 from medseg.data.subjects import open_as_nifti
 from medseg.errors import DataError
 from medseg.metrics import METRICS, case_metrics
@@ -116,7 +116,7 @@ def score_pairs(
         reference = _to_classes(reference, lut, pair.reference, "reference")
         prediction, pred_image = _read_labels(pair.prediction, "prediction")
         prediction = _to_classes(prediction, lut, pair.prediction, "prediction")
-        if prediction.shape != reference.shape or not _affines_match(
+        if prediction.shape != reference.shape or not affines_match(
             pred_image.affine, ref_image.affine
         ):
             raise DataError(

@@ -300,7 +300,7 @@ def _case_problems(
                 f"{case.case_id}: {path}: shape {image.shape[:3]} differs from "
                 f"{reference_path.name} {spatial}"
             )
-        elif not _affines_match(image.affine, reference.affine):
+        elif not affines_match(image.affine, reference.affine):
             problems.append(f"{case.case_id}: {path}: affine differs from {reference_path.name}")
     if num_channels and channels != num_channels and not problems:
         problems.append(
@@ -319,7 +319,7 @@ def _case_problems(
             f"{case.case_id}: {case.label}: label shape {label.shape} differs from the "
             f"image shape {spatial} ({reference_path.name})"
         )
-    elif not _affines_match(label.affine, reference.affine):
+    elif not affines_match(label.affine, reference.affine):
         problems.append(
             f"{case.case_id}: {case.label}: label affine differs from the image affine "
             f"({reference_path.name})"
@@ -339,7 +339,7 @@ def _label_mask_problems(case: Case, value: int, path: Path, spatial, reference,
     mask, error = _open(path)
     if error:
         return [f"{case.case_id}: {path}: {error}"]
-    if mask.shape[:3] != spatial or not _affines_match(mask.affine, reference.affine):
+    if mask.shape[:3] != spatial or not affines_match(mask.affine, reference.affine):
         return [f"{case.case_id}: {path}: mask shape or affine differs from the image's"]
     values = np.unique(np.asanyarray(mask.dataobj))
     if not set(values.tolist()) <= {0, 1}:
@@ -397,7 +397,7 @@ def _label_value_problems(case: Case, label, labels: dict[int, str]) -> list[str
     return []
 
 
-def _affines_match(a: np.ndarray, b: np.ndarray) -> bool:
+def affines_match(a: np.ndarray, b: np.ndarray) -> bool:
     """Equal up to a tolerance relative to the voxel size (as nnU-Net's checks do)."""
     scale = max(float(np.abs(a[:3, :3]).max()), 1e-6)
     return bool(np.allclose(a, b, atol=1e-3 * scale, rtol=0))
