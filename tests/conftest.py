@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from medseg import pipeline
+from medseg.data.datamodule import SegmentationDataModule
 from medseg.data.phantom import write_phantom_dataset
 from medseg.utils.config import register_resolvers
 
@@ -30,6 +31,24 @@ def phantom_root(tmp_path_factory) -> Path:
     """An 8-case 48x48x16 phantom shared by the session (generated once)."""
     root = tmp_path_factory.mktemp("data") / "phantom"
     return write_phantom_dataset(root, **TINY_PHANTOM)
+
+
+def tiny_datamodule(root: Path, **settings) -> SegmentationDataModule:
+    """A datamodule over `root` with small patches, batches and queue, in-process loading, a
+    2-fold split and no augmentation; `settings` override any argument."""
+    defaults = {
+        "root": root,
+        "preprocess": {"intensity": {"mode": "ct_window", "window": [-160, 240]}},
+        "patch_size": (32, 32, 16),
+        "batch_size": 2,
+        "samples_per_volume": 2,
+        "queue_length": 4,
+        "num_workers": 0,
+        "num_folds": 2,
+        "test_fraction": 0.25,
+        "augmentation": "none",
+    }
+    return SegmentationDataModule(**(defaults | settings))
 
 
 def tiny_data_overrides(root: Path, data_root: Path) -> list[str]:

@@ -22,7 +22,7 @@ from medseg.data.subjects import case_to_subject
 from medseg.data.zarr_store import RawChunkVolume
 from medseg.errors import DataError
 
-from .conftest import TINY_PHANTOM, compose_config, run_script
+from .conftest import TINY_PHANTOM, compose_config, run_script, tiny_datamodule
 
 CT = {"mode": "ct_window", "window": [-160, 240]}
 
@@ -106,19 +106,14 @@ def test_a_patch_read_from_the_cache_equals_the_same_region_of_the_preprocessed_
 
 def datamodule(root, **kwargs) -> SegmentationDataModule:
     settings = {
-        "root": root,
         "preprocess": {"intensity": CT},
         "patch_size": (24, 24, 8),
-        "batch_size": 2,
         "samples_per_volume": 6,
         "queue_length": 8,
-        "num_workers": 0,
-        "num_folds": 2,
-        "test_fraction": 0.25,
         "label_probabilities": {0: 0.2, 1: 0.3, 2: 0.5},
-        **kwargs,
+        "augmentation": "default",
     }
-    dm = SegmentationDataModule(**settings)
+    dm = tiny_datamodule(root, **(settings | kwargs))
     dm.setup("fit")
     return dm
 

@@ -18,8 +18,8 @@ from medseg.data.scan import case_rng, scan_label
 from medseg.data.subjects import case_to_subject
 from medseg.errors import DataError
 
+from .conftest import tiny_datamodule
 from .test_data_cases import save
-from .test_data_datamodule import datamodule
 from .test_stages import LABELS, cascade_cfg
 
 
@@ -146,7 +146,7 @@ def test_region_filter_falls_back_when_the_region_is_empty():
 def test_cascade_batches_carry_perturbed_masks_and_regional_patches(phantom_root):
     from medseg.stages import build_cascade
 
-    dm = datamodule(phantom_root, label_probabilities={0: 1.0, 1: 1.0, 2: 1.0})
+    dm = tiny_datamodule(phantom_root, label_probabilities={0: 1.0, 1: 1.0, 2: 1.0})
     cascade = build_cascade(cascade_cfg(s0={"epochs": 1}), LABELS)
     dm.attach_cascade(cascade, {"source": "perturbed", "perturb_probability": 0.0})
     dm.setup("fit")
@@ -170,7 +170,7 @@ def test_predictions_source_needs_every_file_and_loads_them(phantom_root, tmp_pa
     from medseg.stages import build_cascade
 
     cascade = build_cascade(cascade_cfg(), LABELS)
-    dm = datamodule(phantom_root)
+    dm = tiny_datamodule(phantom_root)
     dm.attach_cascade(cascade, {"source": "predictions", "dir": str(tmp_path)})
     with pytest.raises(
         DataError, match=r"3 earlier-stage prediction file\(s\) are missing"
@@ -182,7 +182,7 @@ def test_predictions_source_needs_every_file_and_loads_them(phantom_root, tmp_pa
         empty = np.zeros(label.shape, np.uint8)
         empty[:4] = 1  # a recognisable "prediction": the first 4 x-slices
         save(tmp_path / "organ" / f"{case_id}.nii.gz", empty, label.affine)
-    dm = datamodule(phantom_root, samples_per_volume=1)
+    dm = tiny_datamodule(phantom_root, samples_per_volume=1)
     dm.attach_cascade(cascade, {"source": "predictions", "dir": str(tmp_path)})
     dm.setup("fit")
     prior = np.asarray(dm.cases["train"][0].priors["organ"])

@@ -5,32 +5,14 @@ import pytest
 import torch
 import torchio as tio
 
-from medseg.data.datamodule import SegmentationDataModule
 from medseg.data.preprocess import build_preprocessing
 from medseg.errors import ConfigError
 
-from .conftest import TINY_PHANTOM
-
-
-def datamodule(root, **kwargs) -> SegmentationDataModule:
-    settings = {
-        "root": root,
-        "preprocess": {"intensity": {"mode": "ct_window", "window": [-160, 240]}},
-        "patch_size": (32, 32, 16),
-        "batch_size": 2,
-        "samples_per_volume": 2,
-        "queue_length": 4,
-        "num_workers": 0,
-        "num_folds": 2,
-        "test_fraction": 0.25,
-        "augmentation": "none",
-        **kwargs,
-    }
-    return SegmentationDataModule(**settings)
+from .conftest import TINY_PHANTOM, tiny_datamodule
 
 
 def test_training_batches_follow_the_batch_contract(phantom_root):
-    dm = datamodule(phantom_root)
+    dm = tiny_datamodule(phantom_root)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].dtype == torch.float32 and batch["image"].shape == (2, 1, 32, 32, 16)
@@ -42,7 +24,7 @@ def test_training_batches_follow_the_batch_contract(phantom_root):
 
 
 def test_validation_batches_are_whole_volumes(phantom_root):
-    dm = datamodule(phantom_root)
+    dm = tiny_datamodule(phantom_root)
     dm.setup("fit")
     batches = list(dm.val_dataloader())
     assert [b["case_id"][0] for b in batches] == list(dm.split.val)
@@ -51,7 +33,7 @@ def test_validation_batches_are_whole_volumes(phantom_root):
 
 
 def test_label_sampler_centres_patches_on_the_requested_label(phantom_root):
-    dm = datamodule(phantom_root, label_probabilities={1: 1.0}, samples_per_volume=4)
+    dm = tiny_datamodule(phantom_root, label_probabilities={1: 1.0}, samples_per_volume=4)
     dm.setup("fit")
     torch.manual_seed(0)
     for batch in dm.train_dataloader():
@@ -60,14 +42,16 @@ def test_label_sampler_centres_patches_on_the_requested_label(phantom_root):
 
 
 def test_unknown_label_probability_is_rejected(phantom_root):
-    dm = datamodule(phantom_root, label_probabilities={5: 1.0})
+    dm = tiny_datamodule(phantom_root, label_probabilities={5: 1.0})
     dm.setup("fit")
     with pytest.raises(ConfigError, match=r"label values \[5\]"):
         dm.train_dataloader()
 
 
 def test_resampling_changes_the_grid_and_keeps_the_world_extent(phantom_root):
-    dm = datamodule(phantom_root, preprocess={"spacing": [5.0, 5.0, 7.5]}, patch_size=(16, 16, 16))
+    dm = tiny_datamodule(
+        phantom_root, preprocess={"spacing": [5.0, 5.0, 7.5]}, patch_size=(16, 16, 16)
+    )
     dm.setup("fit")
     case = dm.cases["val"][0]
     assert case.shape == (24, 24, 16)
@@ -102,10 +86,12 @@ def test_ct_window_and_channelwise_zscore():
 
 def test_invalid_settings_name_the_key(phantom_root):
     with pytest.raises(ConfigError, match=re.escape("data.patch_size must be 3 positive integer")):
-        datamodule(phantom_root, patch_size=(32, 32))
+        tiny_datamodule(phantom_root, patch_size=(32, 32))
     with pytest.raises(ConfigError, match=re.escape("data.augmentation must be one of")):
-        datamodule(phantom_root, augmentation="heavy")
+        tiny_datamodule(phantom_root, augmentation="heavy")
     with pytest.raises(ConfigError, match=re.escape("data.preprocess.intensity.mode")):
-        datamodule(phantom_root, preprocess={"intensity": {"mode": "hu"}})
+        tiny_datamodule(phantom_root, preprocess={"intensity": {"mode": "hu"}})
     with pytest.raises(ConfigError, match="only used by mode ct_window"):
-        datamodule(phantom_root, preprocess={"intensity": {"mode": "zscore", "window": [0, 1]}})
+        tiny_datamodule(
+            phantom_root, preprocess={"intensity": {"mode": "zscore", "window": [0, 1]}}
+        )

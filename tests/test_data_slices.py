@@ -14,25 +14,25 @@ from medseg.errors import ConfigError
 from medseg.inference import sliding_window_inference
 from medseg.module import SegmentationModule
 
-from .conftest import TINY_MODEL, TINY_PHANTOM, compose_config, tiny_data_overrides
+from .conftest import (
+    TINY_MODEL,
+    TINY_PHANTOM,
+    compose_config,
+    tiny_data_overrides,
+    tiny_datamodule,
+)
 
 
 def slice_datamodule(root, **kwargs) -> SegmentationDataModule:
     settings = {
-        "root": root,
-        "preprocess": {"intensity": {"mode": "ct_window", "window": [-160, 240]}},
         "slice_axis": 2,
         "patch_size": (32, 32),
         "batch_size": 4,
         "samples_per_volume": 12,
         "queue_length": 16,
-        "num_workers": 0,
-        "num_folds": 2,
-        "test_fraction": 0.25,
         "augmentation": "default",
-        **kwargs,
     }
-    dm = SegmentationDataModule(**settings)
+    dm = tiny_datamodule(root, **(settings | kwargs))
     dm.setup("fit")
     return dm
 

@@ -21,15 +21,9 @@ from medseg.errors import ConfigError, DataError
 from medseg.stages import build_cascade
 from medseg.tasks import parse_task
 
-from .conftest import TINY_PHANTOM
+from .conftest import TINY_PHANTOM, tiny_datamodule
+from .test_tasks import LABELS, LESION_COUNT
 
-LABELS = {0: "background", 1: "liver", 2: "lesion"}
-LESION_COUNT = {
-    "name": "lesion_count",
-    "type": "classification",
-    "column": "lesion_class",
-    "classes": ["none", "one", "several"],
-}
 VOLUME = {"name": "volume", "type": "regression", "column": "liver_volume_ml"}
 
 
@@ -136,20 +130,8 @@ def test_signed_distance_is_negative_inside_in_mm():
 
 
 def multitask_datamodule(root, **kwargs) -> SegmentationDataModule:
-    settings = {
-        "root": root,
-        "preprocess": {"intensity": {"mode": "ct_window", "window": [-160, 240]}},
-        "patch_size": (32, 32, 16),
-        "samples_per_volume": 2,
-        "queue_length": 4,
-        "num_workers": 0,
-        "num_folds": 2,
-        "test_fraction": 0.25,
-        "augmentation": "none",
-        "targets": {"path": str(root / "targets.tsv"), "id_column": "case_id"},
-        **kwargs,
-    }
-    return SegmentationDataModule(**settings)
+    targets = {"path": str(root / "targets.tsv"), "id_column": "case_id"}
+    return tiny_datamodule(root, **{"targets": targets, **kwargs})
 
 
 def multitask_cascade():

@@ -17,7 +17,7 @@ from medseg.data.preprocess import IntensityNormalization
 from medseg.data.zarr_store import convert_to_zarr
 from medseg.errors import ConfigError
 
-from .conftest import TINY_PHANTOM, compose_config, tiny_overrides
+from .conftest import TINY_PHANTOM, compose_config, tiny_datamodule, tiny_overrides
 
 CT = {"mode": "ct_window", "window": [-160, 240]}
 ON_STORED_GRID = {"canonical": False, "crop_nonzero": False, "spacing": None}
@@ -30,19 +30,12 @@ def phantom_zarr(phantom_root, tmp_path_factory) -> Path:
 
 def zarr_datamodule(root, **kwargs) -> SegmentationDataModule:
     settings = {
-        "root": root,
         "preprocess": {**ON_STORED_GRID, "intensity": CT},
         "patch_size": (16, 16, 8),
-        "batch_size": 2,
         "samples_per_volume": 4,
         "queue_length": 8,
-        "num_workers": 0,
-        "num_folds": 2,
-        "test_fraction": 0.25,
-        "augmentation": "none",
-        **kwargs,
     }
-    dm = SegmentationDataModule(**settings)
+    dm = tiny_datamodule(root, **(settings | kwargs))
     dm.setup("fit")
     return dm
 
