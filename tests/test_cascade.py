@@ -114,6 +114,8 @@ def test_region_boxes_grow_to_the_window_inside_the_volume():
     organ[20:23, 28:30, 5:7] = True
     predict, seen = fake_predictors(organ)
     image = torch.randn(1, 1, *shape)
-    result = predict_cascade(image, [10.0, 10.0, 10.0], cascade, predict, min_box_size=(16, 16, 8))
+    result = predict_cascade(
+        image, [10.0, 10.0, 10.0], cascade, predict, min_box_sizes={"lesion": (16, 16, 8)}
+    )
     assert seen["lesion"].shape == (1, 2, 16, 16, 8)  # the window, not the 5x4x4 box
     assert torch.equal(result.labels[0] == 2, organ)

@@ -57,6 +57,7 @@ def test_single_stage_predicts_every_dataset_label():
         ({"s1": {"thresh": 0.5}}, "unknown keys ['thresh']"),
         ({"s1": {"name": "le.sion"}}, "a stage name must be an identifier"),
         ({"s0": {"largest_component": "yes"}}, "largest_component must be true or false"),
+        ({"s0": {"downsample": 2}}, "stage.stages[0].downsample must be a list with one integer"),
     ],
 )
 def test_invalid_stages_give_a_clear_error(changes, message):

@@ -217,7 +217,7 @@ def predict_cascade_averaged(
     sampling = active_dropout(modules) if mc_dropout_samples else contextlib.nullcontext()
     with torch.no_grad(), sampling:
         prediction = predict_cascade(
-            image, spacing, modules[0].cascade, averaged, modules[0].region_box_size
+            image, spacing, modules[0].cascade, averaged, modules[0].region_box_sizes
         )
     prediction.tasks = case_tasks
     return prediction

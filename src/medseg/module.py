@@ -26,6 +26,7 @@ from medseg.errors import ConfigError, DataError
 from medseg.inference import sliding_window_inference
 from medseg.losses import deep_supervision_loss
 from medseg.models.cascade import CascadePrediction, predict_cascade
+from medseg.models.resolution import StageGrid, stage_grid
 from medseg.models.unet import ResidualSEUNet
 from medseg.multitask import CascadeTasks, lookup_table
 from medseg.stages import Cascade, Finetune, StageSpec, build_cascade, parse_stage
@@ -108,9 +109,13 @@ class SegmentationModule(L.LightningModule):
         self.loss = instantiate(loss)
         self.tasks = CascadeTasks(self.cascade, self.nets, loss)
         self.inference = {"overlap": 0.5, "batch_size": 4, "gaussian": True, **(inference or {})}
+        # Each stage's grid on the data patch (inference["window"], data.patch_size).
+        self.grids: dict[str, StageGrid] = {}
         if "window" in self.inference:
-            for net in self.nets.values():
-                net.check_input_size(self.inference["window"])
+            for s in self.cascade.stages:
+                grid = stage_grid(s.name, s.downsample, s.patch_size, self.inference["window"])
+                self.nets[s.name].check_input_size(grid.window)
+                self.grids[s.name] = grid
         self.register_buffer("composed_lut", lookup_table(self.cascade.composed_values()), False)
         for stage in self.cascade.stages:
             lut = lookup_table(self.cascade.stage_values(stage))
@@ -171,9 +176,10 @@ class SegmentationModule(L.LightningModule):
         self, stage: StageSpec, inputs: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One stage's softmax [1, K_s, *spatial] by Gaussian sliding window over `inputs`
-        (slice by slice for a 2D network), and its tasks' predictions for the volume (see
-        :meth:`CascadeTasks.predict`): dense tasks are blended with the segmentation,
-        case-level heads are averaged over the windows."""
+        (slice by slice for a 2D network; on the stage's own grid, then interpolated back),
+        and its tasks' predictions for the volume (see :meth:`CascadeTasks.predict`): dense
+        tasks are blended with the segmentation, case-level heads are averaged over the
+        windows."""
         case_outputs: dict[str, list[torch.Tensor]] = {t.name: [] for t in stage.case_tasks}
 
         def predictor(windows: torch.Tensor) -> torch.Tensor:
@@ -189,15 +195,18 @@ class SegmentationModule(L.LightningModule):
             dense = [tasks[t.name] for t in stage.dense_tasks]
             return torch.cat([x.float() for x in (seg, *dense)], dim=1)
 
+        grid = self.stage_grid(stage)
+
         def sliding_window(volume: torch.Tensor) -> torch.Tensor:
-            return sliding_window_inference(
-                volume,
+            outputs = sliding_window_inference(
+                grid.pool(volume),
                 predictor,
-                window=self.inference["window"],
+                window=grid.window,
                 overlap=self.inference["overlap"],
                 batch_size=self.inference["batch_size"],
                 gaussian=self.inference["gaussian"],
             )
+            return grid.unpool(outputs, volume.shape[2:])
 
         if self.hparams.slice_axis is None:
             outputs = sliding_window(inputs)
@@ -210,10 +219,21 @@ class SegmentationModule(L.LightningModule):
         """One stage's softmax [1, K_s, *spatial] by Gaussian sliding window over `inputs`."""
         return self.stage_predictions(stage, inputs)[0]
 
+    def stage_grid(self, stage: StageSpec) -> StageGrid:
+        if stage.name not in self.grids:
+            raise RuntimeError(
+                "the module has no sliding-window size (inference.window): build it with "
+                "build_module or load it from a checkpoint"
+            )
+        return self.grids[stage.name]
+
     @property
-    def region_box_size(self) -> tuple[int, ...]:
-        """The smallest box a region stage predicts in: one sliding window (3D voxels)."""
-        return volume_patch_size(self.inference["window"], self.hparams.slice_axis)
+    def region_box_sizes(self) -> dict[str, tuple[int, ...]]:
+        """The smallest box each stage predicts in: one of its windows (3D data voxels)."""
+        return {
+            name: volume_patch_size(grid.extent, self.hparams.slice_axis)
+            for name, grid in self.grids.items()
+        }
 
     def predict_volume(
         self, image: torch.Tensor, spacing: Sequence[float] | None = None
@@ -233,7 +253,7 @@ class SegmentationModule(L.LightningModule):
             return probabilities
 
         prediction = predict_cascade(
-            image, spacing, self.cascade, stage_probabilities, self.region_box_size
+            image, spacing, self.cascade, stage_probabilities, self.region_box_sizes
         )
         prediction.tasks = task_predictions
         return prediction
@@ -268,18 +288,22 @@ class SegmentationModule(L.LightningModule):
         size = len(batch["image"])
         for name in trainable:
             stage = self.cascade.stage(name)
-            inputs = self.stage_input(stage, batch["image"], batch.get("priors"))
+            grid = self.stage_grid(stage)
+            # The stage's part of the patch; a downsampled stage's outputs are coarser than
+            # its labels, which deep supervision's per-level targets take care of.
+            view = grid.crop_batch(batch)
+            inputs = grid.pool(self.stage_input(stage, view["image"], view.get("priors")))
             segmentation, outputs = self.stage_forward(
                 stage, inputs, all_levels=self.nets[name].deep_supervision
             )
             if segmentation is not None:
-                target = self.stage_target(stage, batch["label"])
+                target = self.stage_target(stage, view["label"])
                 loss = deep_supervision_loss(self.loss, segmentation, target)
                 if self.multi_stage:
                     self.log(f"train/{name}/loss", loss, batch_size=size)
                 total = total + stage.loss_weight * loss
             for task in stage.tasks:
-                loss = self.tasks.loss(task, outputs[task.name], batch)
+                loss = self.tasks.loss(task, outputs[task.name], view)
                 weight = task.weight.at(self.current_epoch)
                 self.log(f"train/{task.name}/loss", loss, batch_size=size)
                 if not task.weight.constant:

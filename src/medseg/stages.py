@@ -39,6 +39,12 @@ class StageSpec:
     loss_weight: float = 1.0
     epochs: int | None = None  # epochs this stage trains before the next starts; None: to the end
     network: dict = field(default_factory=dict)  # overrides of the `model` network settings
+    # integer factors per axis: the stage works on the data grid average-pooled by them (a
+    # coarser resolution; see medseg.models.resolution); None: the data grid
+    downsample: tuple[int, ...] | None = None
+    # the network's input in its own voxels (training patch centre and sliding window);
+    # None: data.patch_size / downsample
+    patch_size: tuple[int, ...] | None = None
     optim: dict = field(default_factory=dict)  # overrides of model.optimizer / model.scheduler
     tasks: tuple[TaskSpec, ...] = ()  # more heads on this stage's network (see medseg.tasks)
 
@@ -79,6 +85,8 @@ class StageSpec:
             "loss_weight": self.loss_weight,
             "epochs": self.epochs,
             "network": dict(self.network),
+            "downsample": None if self.downsample is None else list(self.downsample),
+            "patch_size": None if self.patch_size is None else list(self.patch_size),
             "optim": dict(self.optim),
             "tasks": [t.as_dict() for t in self.tasks],
         }
@@ -268,6 +276,11 @@ def _validate(
                 )
             if stage.region.margin_mm < 0:
                 raise ConfigError(f"{key}: region.margin_mm must be >= 0")
+        if stage.dense_tasks and stage.downsample and any(f != 1 for f in stage.downsample):
+            raise ConfigError(
+                f"{key}: dense tasks {[t.name for t in stage.dense_tasks]} predict on the data "
+                "grid; a stage with downsample factors > 1 cannot have them"
+            )
         if stage.threshold is not None and not 0 < stage.threshold < 1:
             raise ConfigError(f"{key}: threshold must be in (0, 1) or null, got {stage.threshold}")
         if not isinstance(stage.largest_component, bool):
@@ -334,12 +347,24 @@ def parse_stage(entry: Mapping, index: int, dataset_labels: Mapping[int, str]) -
         loss_weight=float(entry.get("loss_weight", 1.0)),
         epochs=entry.get("epochs"),
         network=dict(entry.get("network") or {}),
+        downsample=_int_tuple(entry.get("downsample"), f"stage.stages[{index}].downsample"),
+        patch_size=_int_tuple(entry.get("patch_size"), f"stage.stages[{index}].patch_size"),
         optim=dict(entry.get("optim") or {}),
         tasks=tuple(
             parse_task(task, f"stage.stages[{index}].tasks[{i}]", dataset_labels)
             for i, task in enumerate(tasks)
         ),
     )
+
+
+def _int_tuple(value, key: str) -> tuple | None:
+    """A per-axis list setting as a tuple (its values are checked against the data's patch
+    by medseg.models.resolution.stage_grid)."""
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise ConfigError(f"{key} must be a list with one integer per axis, got {value!r}")
+    return tuple(value)
 
 
 def build_cascade(

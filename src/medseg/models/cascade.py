@@ -180,7 +180,7 @@ def predict_cascade(
     spacing: Sequence[float],
     cascade: Cascade,
     stage_probabilities: StagePredictor,
-    min_box_size: Sequence[int] | None = None,
+    min_box_sizes: Mapping[str, Sequence[int]] | None = None,
 ) -> CascadePrediction:
     """Run every stage of `cascade` on one volume and compose the result.
 
@@ -188,10 +188,10 @@ def predict_cascade(
         image: [1, C, *spatial] preprocessed volume.
         spacing: its voxel size in mm (for region margins).
         stage_probabilities: (stage, inputs [1, C + masks, *box]) -> softmax [1, K_s, *box].
-        min_box_size: the smallest region box (voxels per axis), normally the network's
-            window: a later stage then sees real context around a small organ, as its
-            training patches did, rather than the padding a box smaller than the window
-            gets (which biases its predictions).
+        min_box_sizes: stage name -> the smallest region box of that stage (voxels per
+            axis), normally its network's window: a later stage then sees real context around
+            a small organ, as its training patches did, rather than the padding a box smaller
+            than the window gets (which biases its predictions).
     """
     masks: dict[str, torch.Tensor] = {}
     probabilities: dict[str, torch.Tensor] = {}
@@ -204,8 +204,8 @@ def predict_cascade(
         else:
             margin = margin_voxels(stage.region.margin_mm, spacing)
             box = bounding_box(masks[stage.region.stage][0], margin)
-            if box is not None and min_box_size is not None:
-                box = grow_box(box, min_box_size, image.shape[2:])
+            if box is not None and min_box_sizes and stage.name in min_box_sizes:
+                box = grow_box(box, min_box_sizes[stage.name], image.shape[2:])
             stage_probs = _in_region(stage, inputs, box, stage_probabilities)
         probabilities[stage.name] = stage_probs
         masks[stage.name] = _stage_foreground(stage, stage_probs, masks)[0]
