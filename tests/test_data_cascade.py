@@ -147,9 +147,14 @@ def test_cascade_batches_carry_perturbed_masks_and_regional_patches(phantom_root
     from medseg.stages import build_cascade
 
     dm = tiny_datamodule(phantom_root, label_probabilities={0: 1.0, 1: 1.0, 2: 1.0})
-    cascade = build_cascade(cascade_cfg(s0={"epochs": 1}), LABELS)
+    stages = cascade_cfg(s0={"epochs": 1}, s1={"patch_size": [16, 16, 8]})
+    cascade = build_cascade(stages, LABELS)
     dm.attach_cascade(cascade, {"source": "perturbed", "perturb_probability": 0.0})
     dm.setup("fit")
+    # Sampled voxels are centred in what the training stage sees: the organ stage the whole
+    # patch (pooled), the lesion stage its centre.
+    assert dm.train_dataset(0).locator.focus_size.tolist() == [32, 32, 16]
+    assert dm.train_dataset(1).locator.focus_size.tolist() == [16, 16, 8]
     batch = next(iter(dm.train_dataloader()))  # epoch 0: organ stage, whole volume
     organ = torch.isin(batch["label"], torch.tensor([1, 2])).float()
     torch.testing.assert_close(batch["priors"]["organ"], organ)

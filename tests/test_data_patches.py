@@ -120,6 +120,30 @@ def test_locator_keeps_patches_inside_and_centres_them_on_short_axes():
         assert np.any(label[corner[0] + 4, corner[1] + 4] == 1)  # the centre's column
 
 
+def test_a_stage_that_sees_the_patch_centre_gets_its_sampled_voxel_there_anywhere():
+    # Label 2 only near the volume's edge: a 16x16x8 patch centred there sticks out of the
+    # 20x18x12 volume (padded), so that its 8x8x4 centre, the stage's view, holds the voxel.
+    label = np.zeros((20, 18, 12), np.uint8)
+    label[4:6, 12:14, 2:4] = 2
+    case = prepared(label)
+    whole = PatchLocator((16, 16, 8), "label", {2: 1.0})
+    focused = PatchLocator((16, 16, 8), "label", {2: 1.0}, focus_size=(8, 8, 4))
+    for seed in range(50):
+        rng = np.random.default_rng(seed)
+        corner = focused.corner(case, rng)
+        centre = corner + np.array([8, 8, 4])
+        view = tuple(slice(c - h, c + h) for c, h in zip(centre, (4, 4, 2), strict=True))
+        assert (label[view] == 2).any()
+        assert corner[0] < 0 and corner[1] + 16 > 18  # past the edges: padded there
+        # With the whole patch inside the volume, the lesion is never at its centre.
+        corner = whole.corner(case, np.random.default_rng(seed))
+        assert np.all(corner >= 0) and np.all(corner + np.array([16, 16, 8]) <= [20, 18, 12])
+    uniform = PatchLocator((16, 16, 8), "uniform", {}, focus_size=(8, 8, 4))
+    centres = np.array([uniform.corner(case, np.random.default_rng(i)) for i in range(300)])
+    centres += (8, 8, 4)
+    assert centres.min(0).tolist() == [4, 4, 2] and centres.max(0).tolist() == [16, 14, 10]
+
+
 def test_locator_falls_back_to_uniform_when_no_requested_label_is_present():
     label = np.zeros((10, 10, 10), np.uint8)
     case = prepared(label)

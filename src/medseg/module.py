@@ -54,8 +54,9 @@ class SegmentationModule(L.LightningModule):
             with the stage's ``optim.optimizer`` overrides.
         scheduler: partial config of the learning-rate scheduler, stepped once per epoch in
             which its stage trains (with the stage's ``optim.scheduler`` overrides).
-        inference: sliding-window settings: ``window``, ``overlap``, ``batch_size``,
-            ``gaussian``.
+        inference: sliding-window settings: ``window`` (the training patch, data.patch_size;
+            each stage's own window follows from it and the stage's grid, see
+            :mod:`medseg.models.resolution`), ``overlap``, ``batch_size``, ``gaussian``.
         preprocess: the data preprocessing the network was trained with.
         freeze_earlier: freeze a stage's predecessors when it starts training.
         finetune: ``{ckpt_path, stages, unfreeze_every}`` (see :class:`Finetune`).

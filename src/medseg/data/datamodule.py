@@ -55,6 +55,7 @@ from medseg.data.zarr_store import (
     write_array_atomically,
 )
 from medseg.errors import ConfigError
+from medseg.models.resolution import stage_grid
 from medseg.stages import Cascade
 
 log = logging.getLogger(__name__)
@@ -405,7 +406,17 @@ class SegmentationDataModule(L.LightningDataModule):
             self.slice_axis,
             self.skip_empty_slices,
             region=self._region(epoch),
+            focus_size=self._focus(epoch),
         )
+
+    def _focus(self, epoch: int) -> tuple[int, ...]:
+        """The part of each patch the current stage sees (its centre, see
+        medseg.models.resolution): sampled locations are centred in it."""
+        if self.cascade is None:
+            return self.volume_patch
+        stage = self.cascade.sampling_stage(epoch)
+        grid = stage_grid(stage.name, stage.downsample, stage.patch_size, self.patch_size)
+        return volume_patch_size(grid.extent, self.slice_axis)
 
     def train_dataset(self, epoch: int = 0) -> PatchDataset:
         transforms = [

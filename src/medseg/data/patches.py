@@ -40,6 +40,13 @@ class PatchLocator:
     With ``skip_empty_slices`` (2D training), centres lie on slices along ``slice_axis``
     that hold foreground; with a ``region`` (a later cascade stage), centres of the label
     sampler lie in that region. A case with no usable location falls back to ``uniform``.
+
+    ``focus_size`` (default: the patch) is the part of the patch around its centre that
+    must lie inside the volume: the training stage's own view of the patch (see
+    :mod:`medseg.models.resolution`). A cascade stage that sees only the centre of a large
+    patch then gets the sampled voxel at the centre of its view wherever it lies, the rest of
+    the patch being padded beyond the volume's edge, instead of only the centres where the
+    whole patch fits.
     """
 
     def __init__(
@@ -50,8 +57,12 @@ class PatchLocator:
         slice_axis: int | None = None,
         skip_empty_slices: bool = False,
         region: RegionFilter | None = None,
+        focus_size: Sequence[int] | None = None,
     ):
         self.patch_size = np.asarray(patch_size, dtype=np.int64)
+        self.focus_size = np.asarray(
+            patch_size if focus_size is None else focus_size, dtype=np.int64
+        )
         self.sampler = sampler
         self.probabilities = {int(k): float(v) for k, v in label_probabilities.items()}
         self.slice_axis = slice_axis
@@ -70,15 +81,21 @@ class PatchLocator:
 
     def _corner_of(self, centre: np.ndarray, shape: Sequence[int]) -> np.ndarray:
         shape = np.asarray(shape)
-        short = shape < self.patch_size
+        short = shape < self.focus_size
         return np.where(short, -((self.patch_size - shape) // 2), centre - self.patch_size // 2)
+
+    def _centre_range(self, shape: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """[low, high) of the centres whose focus box fits in a volume of `shape` (any
+        centre along an axis shorter than the focus: the patch is centred there)."""
+        short = shape < self.focus_size
+        low = np.where(short, 0, self.focus_size // 2)
+        high = np.where(short, shape, shape - (self.focus_size - 1) // 2)
+        return low, high
 
     def _valid_locations(self, case: PreparedCase) -> dict[int, np.ndarray]:
         """Per label value, the recorded locations where a patch centre may lie."""
         if case.case_id not in self._valid:
-            shape = np.asarray(case.shape)
-            low = np.where(shape < self.patch_size, 0, self.patch_size // 2)
-            high = np.where(shape < self.patch_size, shape, shape - (self.patch_size - 1) // 2)
+            low, high = self._centre_range(np.asarray(case.shape))
             valid = {}
             recorded = self.region.locations(case) if self.region else case.index.locations
             for value, where in recorded.items():
@@ -102,18 +119,13 @@ class PatchLocator:
 
     def _uniform_corner(self, case: PreparedCase, rng: np.random.Generator) -> np.ndarray:
         shape = np.asarray(case.shape)
-        corner = np.array(
-            [
-                rng.integers(0, max(s - p, 0) + 1)
-                for s, p in zip(shape, self.patch_size, strict=True)
-            ]
-        )
+        low, high = self._centre_range(shape)
+        centre = np.array([rng.integers(a, b) for a, b in zip(low, high, strict=True)])
         if self.skip_empty_slices and case.index is not None:
             nonempty = np.flatnonzero(case.index.foreground_slices[self.slice_axis])
             if len(nonempty):
-                corner[self.slice_axis] = nonempty[rng.integers(len(nonempty))]
-        short = shape < self.patch_size
-        return np.where(short, -((self.patch_size - shape) // 2), corner)
+                centre[self.slice_axis] = nonempty[rng.integers(len(nonempty))]
+        return self._corner_of(centre, shape)
 
 
 class PatchDataset(Dataset):
