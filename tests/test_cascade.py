@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from medseg.errors import ConfigError
 from medseg.models.cascade import bounding_box, crop, grow_box, paste, predict_cascade
 from medseg.stages import build_cascade
 
@@ -101,6 +102,27 @@ def test_largest_component_drops_a_stray_organ_blob_and_its_lesions(largest_comp
     kept = organ & ~stray if largest_component else organ
     assert torch.equal(result.stage_labels["organ"][0] > 0, kept)
     assert torch.equal(result.labels[0] == 2, kept)  # lesions only in what is kept
+
+
+def test_components_under_the_minimum_size_in_mm3_are_dropped():
+    lesion = torch.zeros(20, 16, 8, dtype=torch.bool)
+    lesion[2:6, 2:6, 2:4] = True  # 32 voxels
+    lesion[12, 12, 5] = True  # a one-voxel speck
+
+    def predict(stage, inputs):
+        fg = (torch.ones if stage.name == "organ" else lesion.expand)(inputs.shape[2:]).float()
+        return torch.stack([1 - fg, fg])[None]
+
+    image = torch.zeros(1, 1, 20, 16, 8)
+    # 0.5 x 0.5 x 2 mm voxels: the speck is 0.5 mm^3, the lesion 16 mm^3
+    for size, kept in ((0.4, lesion), (1.0, lesion & (torch.arange(20) < 10)[:, None, None])):
+        cascade = build_cascade(cascade_cfg(s1={"min_component_mm3": size}), LABELS)
+        result = predict_cascade(image, [0.5, 0.5, 2.0], cascade, predict)
+        assert torch.equal(result.labels[0] == 2, kept), size
+    cascade = build_cascade(cascade_cfg(s1={"min_component_mm3": 20}), LABELS)
+    assert not (predict_cascade(image, [0.5, 0.5, 2.0], cascade, predict).labels == 2).any()
+    with pytest.raises(ConfigError, match="min_component_mm3 must be a number >= 0, got -1"):
+        build_cascade(cascade_cfg(s1={"min_component_mm3": -1}), LABELS)
 
 
 def test_region_boxes_grow_to_the_window_inside_the_volume():

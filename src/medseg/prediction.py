@@ -222,7 +222,7 @@ class Predictor:
             )[None]
             for name, probabilities in prediction.stage_probabilities.items()
         }
-        composed = compose(resampled, self.modules[0].cascade)
+        composed = compose(resampled, self.modules[0].cascade, original.spacing)
         probabilities = composed.probabilities[0]
         labels = self.label_values[composed.labels[0].cpu().numpy()]
         entropy = None

@@ -36,6 +36,9 @@ class StageSpec:
     threshold: float | None = None  # None: argmax; else foreground if 1 - p(background) >= it
     # keep only the largest connected component of the foreground (an organ that occurs once)
     largest_component: bool = False
+    # drop foreground components smaller than this (mm^3; 0: keep all), e.g. specks of a few
+    # voxels in a lesion stage
+    min_component_mm3: float = 0.0
     loss_weight: float = 1.0
     epochs: int | None = None  # epochs this stage trains before the next starts; None: to the end
     network: dict = field(default_factory=dict)  # overrides of the `model` network settings
@@ -82,6 +85,7 @@ class StageSpec:
             else {"stage": self.region.stage, "margin_mm": self.region.margin_mm},
             "threshold": self.threshold,
             "largest_component": self.largest_component,
+            "min_component_mm3": self.min_component_mm3,
             "loss_weight": self.loss_weight,
             "epochs": self.epochs,
             "network": dict(self.network),
@@ -289,6 +293,9 @@ def _validate(
             )
         if stage.largest_component and not stage.classes:
             raise ConfigError(f"{key}: largest_component needs a stage with classes")
+        size = stage.min_component_mm3
+        if isinstance(size, bool) or not isinstance(size, int | float) or size < 0:
+            raise ConfigError(f"{key}: min_component_mm3 must be a number >= 0, got {size!r}")
         # epochs 0: the next stage starts at once, which only makes sense if this one keeps
         # training (freeze_earlier: false)
         fewest = 1 if freeze_earlier else 0
@@ -344,6 +351,7 @@ def parse_stage(entry: Mapping, index: int, dataset_labels: Mapping[int, str]) -
         else None,
         threshold=entry.get("threshold"),
         largest_component=entry.get("largest_component", False),
+        min_component_mm3=entry.get("min_component_mm3", 0.0),
         loss_weight=float(entry.get("loss_weight", 1.0)),
         epochs=entry.get("epochs"),
         network=dict(entry.get("network") or {}),

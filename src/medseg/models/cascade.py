@@ -113,34 +113,50 @@ def _in_region(
     return paste(predict(stage, crop(inputs, box)), box, shape, background)
 
 
-def largest_component(mask: torch.Tensor) -> torch.Tensor:
-    """`mask` [N, *spatial] with only the largest connected component (26-connected in 3D,
-    8 in 2D) of each item kept. scipy labels the components: torch has no such operation."""
+def filter_components(
+    mask: torch.Tensor, largest_only: bool = False, min_voxels: float = 0.0
+) -> torch.Tensor:
+    """`mask` [N, *spatial] keeping, per item, only its largest connected component
+    (`largest_only`) and only components of at least `min_voxels` voxels (26-connected in
+    3D, 8 in 2D). scipy labels the components: torch has no such operation."""
+    if not largest_only and min_voxels <= 0:
+        return mask
     kept = torch.zeros_like(mask)
     for i, item in enumerate(mask.cpu().numpy()):
         components, count = ndimage.label(item, structure=np.ones((3,) * item.ndim))
-        if count > 1:
+        if count:
             sizes = np.bincount(components.ravel())[1:]
-            item = components == 1 + int(sizes.argmax())
+            keep = sizes >= min_voxels
+            if largest_only:
+                keep &= np.arange(count) == sizes.argmax()
+            item = np.isin(components, np.flatnonzero(keep) + 1)
         kept[i] = torch.from_numpy(item)
     return kept
 
 
 def _stage_foreground(
-    stage: StageSpec, probabilities: torch.Tensor, masks: Mapping[str, torch.Tensor]
+    stage: StageSpec,
+    probabilities: torch.Tensor,
+    masks: Mapping[str, torch.Tensor],
+    spacing: Sequence[float],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A stage's decision: foreground [1, *] (inside its region stage's mask; its largest
-    component if the stage asks) and classes."""
+    component if the stage asks; without components under its minimum size) and classes."""
     foreground, classes = decide(probabilities, stage.threshold)
     if stage.region is not None:
         foreground = foreground & masks[stage.region.stage]
-    if stage.largest_component:
-        foreground = largest_component(foreground)
+    voxel_mm3 = math.prod(float(s) for s in spacing)
+    foreground = filter_components(
+        foreground, stage.largest_component, stage.min_component_mm3 / voxel_mm3
+    )
     return foreground, classes
 
 
-def compose(stage_probabilities: Mapping[str, torch.Tensor], cascade: Cascade) -> CascadePrediction:
-    """Decide every stage and compose the label map and class probabilities.
+def compose(
+    stage_probabilities: Mapping[str, torch.Tensor], cascade: Cascade, spacing: Sequence[float]
+) -> CascadePrediction:
+    """Decide every stage and compose the label map and class probabilities on a grid of
+    `spacing` (mm; for the stages' minimum component sizes).
 
     Later stages override earlier ones; a stage's classes take the probability mass of its
     region stage's foreground (times its own probability), so probabilities sum to 1.
@@ -156,7 +172,7 @@ def compose(stage_probabilities: Mapping[str, torch.Tensor], cascade: Cascade) -
     offset = 1
     for stage in cascade.stages:
         stage_probs = stage_probabilities[stage.name]
-        foreground, classes = _stage_foreground(stage, stage_probs, masks)
+        foreground, classes = _stage_foreground(stage, stage_probs, masks, spacing)
         masks[stage.name] = foreground
         stage_labels[stage.name] = torch.where(foreground, classes, 0)
         labels[foreground] = offset + classes[foreground] - 1
@@ -208,5 +224,5 @@ def predict_cascade(
                 box = grow_box(box, min_box_sizes[stage.name], image.shape[2:])
             stage_probs = _in_region(stage, inputs, box, stage_probabilities)
         probabilities[stage.name] = stage_probs
-        masks[stage.name] = _stage_foreground(stage, stage_probs, masks)[0]
-    return compose(probabilities, cascade)
+        masks[stage.name] = _stage_foreground(stage, stage_probs, masks, spacing)[0]
+    return compose(probabilities, cascade, spacing)
