@@ -103,6 +103,20 @@ def test_labels_and_channels_are_checked_against_the_data(trained_run):
     assert "data (image channels): checkpoint has 1, config has 2" in str(error.value)
 
 
+def test_stage_settings_newer_than_the_checkpoint_take_their_defaults(trained_run):
+    _, run, _ = trained_run
+    checkpoint = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    current = [dict(s) for s in checkpoint["hyper_parameters"]["stages"]]
+    older = [
+        {k: v for k, v in s.items() if k not in ("downsample", "min_component_mm3")}
+        for s in current
+    ]
+    checkpoint["hyper_parameters"]["stages"] = older
+    check_compatible(checkpoint, {"stages": current}, "x.ckpt")
+    with pytest.raises(ConfigError, match=r"stage.stages.0.downsample: checkpoint has None"):
+        check_compatible(checkpoint, {"stages": [{**current[0], "downsample": [2, 2, 1]}]}, "x")
+
+
 def test_other_differences_are_warnings(trained_run, caplog):
     _, run, _ = trained_run
     checkpoint = load_checkpoint(run / "checkpoints" / "last.ckpt")

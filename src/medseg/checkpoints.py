@@ -25,6 +25,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 
 from medseg.errors import ConfigError, DataError
 from medseg.module import SegmentationModule
+from medseg.stages import parse_stage
 from medseg.utils.io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,13 @@ def check_compatible(
     (network, channels, classes, labels, preprocessing) raises a ConfigError naming every
     differing config key; other differences (loss, optimizer, ...) are logged as warnings.
     """
-    saved = checkpoint["hyper_parameters"]
+    saved = dict(checkpoint["hyper_parameters"])
+    if "stages" in saved:
+        # Stage settings added since the checkpoint was written take their defaults.
+        labels = saved.get("dataset_labels", {})
+        saved["stages"] = [
+            parse_stage(s, i, labels).as_dict() for i, s in enumerate(saved["stages"])
+        ]
     structural, other = [], []
     for name, value in current.items():
         for leaf, theirs, mine in _leaf_differences(saved.get(name), value, ""):
