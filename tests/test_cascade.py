@@ -91,7 +91,11 @@ def test_threshold_decides_the_stage_foreground():
 
 @pytest.mark.parametrize("largest_component", [True, False])
 def test_largest_component_drops_a_stray_organ_blob_and_its_lesions(largest_component):
-    cascade = build_cascade(cascade_cfg(s0={"largest_component": largest_component}), LABELS)
+    stages = cascade_cfg(
+        s0={"largest_component": largest_component},
+        s1={"min_component_mm3": 0},  # keep the stray blob's lesion (18 mm^3) when kept
+    )
+    cascade = build_cascade(stages, LABELS)
     organ = torch.zeros(20, 16, 8, dtype=torch.bool)
     organ[2:10, 3:11, 1:7] = True  # the organ
     organ[15:18, 12:15, 3:5] = True  # a stray false positive far from it
