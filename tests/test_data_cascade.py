@@ -174,7 +174,8 @@ def test_cascade_batches_carry_perturbed_masks_and_regional_patches(phantom_root
 def test_predictions_source_needs_every_file_and_loads_them(phantom_root, tmp_path):
     from medseg.stages import build_cascade
 
-    cascade = build_cascade(cascade_cfg(), LABELS)
+    # binary_first's lesion stage takes 64x64x32 of each patch: more than the tiny 32x32x16
+    cascade = build_cascade(cascade_cfg(s1={"patch_size": [16, 16, 8]}), LABELS)
     dm = tiny_datamodule(phantom_root)
     dm.attach_cascade(cascade, {"source": "predictions", "dir": str(tmp_path)})
     with pytest.raises(
