@@ -135,9 +135,10 @@ def test_a_stage_that_sees_the_patch_centre_gets_its_sampled_voxel_there_anywher
         view = tuple(slice(c - h, c + h) for c, h in zip(centre, (4, 4, 2), strict=True))
         assert (label[view] == 2).any()
         assert corner[0] < 0 and corner[1] + 16 > 18  # past the edges: padded there
-        # With the whole patch inside the volume, the lesion is never at its centre.
+        # Keeping the whole patch inside the volume, the lesion is never at its centre.
         corner = whole.corner(case, np.random.default_rng(seed))
         assert np.all(corner >= 0) and np.all(corner + np.array([16, 16, 8]) <= [20, 18, 12])
+        assert label[tuple(corner + np.array([8, 8, 4]))] != 2
     uniform = PatchLocator((16, 16, 8), "uniform", {}, focus_size=(8, 8, 4))
     centres = np.array([uniform.corner(case, np.random.default_rng(i)) for i in range(300)])
     centres += (8, 8, 4)

@@ -61,11 +61,11 @@ def test_a_stage_trains_on_the_centre_of_the_patch():
 @pytest.mark.parametrize(
     ("downsample", "patch_size", "message"),
     [
-        ([2, 2], None, "downsample must be 3 integers >= 1"),
-        ([2, 0, 1], None, "downsample must be 3 integers >= 1"),
+        ([2, 2], None, "downsample must be 3 positive integer(s), got [2, 2]"),
+        ([2, 0, 1], None, "downsample must be 3 positive integer(s), got [2, 0, 1]"),
         ([3, 3, 1], None, "data.patch_size [32, 32, 16] is not divisible by its downsample"),
         ([2, 2, 1], [32, 32, 16], "covers [64, 64, 16] data voxels, more than data.patch_size"),
-        (None, [16, 16], "patch_size must be 3 positive integers"),
+        (None, [16, 16], "patch_size must be 3 positive integer(s), got [16, 16]"),
     ],
 )
 def test_stage_grids_that_do_not_fit_the_data_patch_are_named(downsample, patch_size, message):

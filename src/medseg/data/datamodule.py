@@ -57,6 +57,7 @@ from medseg.data.zarr_store import (
 from medseg.errors import ConfigError
 from medseg.models.resolution import stage_grid
 from medseg.stages import Cascade
+from medseg.utils.config import positive_ints
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ class SegmentationDataModule(L.LightningDataModule):
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
         self.slice_axis = check_slice_axis(slice_axis)
         dims = 3 if slice_axis is None else 2
-        self.patch_size = _positive_ints("data.patch_size", patch_size, length=dims)
+        self.patch_size = positive_ints("data.patch_size", patch_size, length=dims)
         self.volume_patch = volume_patch_size(self.patch_size, self.slice_axis)
         if skip_empty_slices and slice_axis is None:
             raise ConfigError("data.skip_empty_slices needs 2D mode (data.slice_axis)")
@@ -143,7 +144,7 @@ class SegmentationDataModule(L.LightningDataModule):
             "data.samples_per_volume": samples_per_volume,
             "data.queue_length": queue_length,
         }.items():
-            _positive_ints(key, [value])
+            positive_ints(key, [value])
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ConfigError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
         if sampler not in SAMPLERS:
@@ -495,13 +496,3 @@ def rank_share(split: str, ids: Sequence[str], rank: int, world_size: int) -> li
         size = -(-len(ids) // world_size)
         share += share[: size - len(share)]
     return share
-
-
-def _positive_ints(key: str, values: Sequence[int], length: int | None = None) -> tuple[int, ...]:
-    values = tuple(values)
-    if (length is not None and len(values) != length) or any(
-        isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values
-    ):
-        size = f"{length} " if length else ""
-        raise ConfigError(f"{key} must be {size}positive integer(s), got {list(values)}")
-    return values

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from medseg.errors import ConfigError
+from medseg.utils.config import positive_ints
 
 _AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 _LINEAR = {1: "linear", 2: "bilinear", 3: "trilinear"}
@@ -103,14 +104,8 @@ def stage_grid(
     patch (``data.patch_size``), with errors naming the stage and the keys."""
     dims = len(data_window)
     key = f"stage {name!r}"
-    factors = tuple(downsample) if downsample is not None else (1,) * dims
-    if len(factors) != dims or any(
-        isinstance(f, bool) or not isinstance(f, int) or f < 1 for f in factors
-    ):
-        raise ConfigError(
-            f"{key}: downsample must be {dims} integers >= 1 (one per axis of data.patch_size "
-            f"{list(data_window)}), got {list(factors)}"
-        )
+    factors = (1,) * dims if downsample is None else downsample
+    factors = positive_ints(f"{key}: downsample", factors, length=dims)
     if any(w % f for w, f in zip(data_window, factors, strict=True)):
         raise ConfigError(
             f"{key}: data.patch_size {list(data_window)} is not divisible by its downsample "
@@ -119,11 +114,7 @@ def stage_grid(
     if patch_size is None:
         window = tuple(w // f for w, f in zip(data_window, factors, strict=True))
     else:
-        window = tuple(patch_size)
-        if len(window) != dims or any(
-            isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in window
-        ):
-            raise ConfigError(f"{key}: patch_size must be {dims} positive integers, got {window}")
+        window = positive_ints(f"{key}: patch_size", patch_size, length=dims)
     grid = StageGrid(factors, window)
     if any(e > w for e, w in zip(grid.extent, data_window, strict=True)):
         raise ConfigError(

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from omegaconf import OmegaConf
+
+from medseg.errors import ConfigError
 
 
 def default_precision() -> str:
@@ -21,3 +25,15 @@ def register_resolvers() -> None:
     """Make ``${medseg.precision:}`` available to configs (idempotent)."""
     if not OmegaConf.has_resolver("medseg.precision"):
         OmegaConf.register_new_resolver("medseg.precision", default_precision)
+
+
+def positive_ints(key: str, values: Sequence[int], length: int | None = None) -> tuple[int, ...]:
+    """`values` as a tuple; a ConfigError naming `key` unless they are (`length`) integers
+    >= 1 (booleans are refused: YAML turns `yes` into True)."""
+    values = tuple(values)
+    if (length is not None and len(values) != length) or any(
+        isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values
+    ):
+        size = f"{length} " if length else ""
+        raise ConfigError(f"{key} must be {size}positive integer(s), got {list(values)}")
+    return values
