@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import os
+
 import torch
 from omegaconf import OmegaConf
 
@@ -22,9 +24,16 @@ def default_precision() -> str:
 
 
 def register_resolvers() -> None:
-    """Make ``${medseg.precision:}`` available to configs (idempotent)."""
+    """Make ``${medseg.precision:}`` and ``${medseg.cwd:}`` available to configs (idempotent).
+
+    ``medseg.cwd`` is the directory the command runs in. ``paths.root_dir`` uses it instead
+    of ``${hydra:runtime.cwd}``: a multirun resolves ``hydra.sweep.dir`` (which depends on
+    the root) before Hydra's runtime config exists, so ``${hydra:...}`` fails there.
+    """
     if not OmegaConf.has_resolver("medseg.precision"):
         OmegaConf.register_new_resolver("medseg.precision", default_precision)
+    if not OmegaConf.has_resolver("medseg.cwd"):
+        OmegaConf.register_new_resolver("medseg.cwd", os.getcwd)
 
 
 def positive_ints(key: str, values: Sequence[int], length: int | None = None) -> tuple[int, ...]:
