@@ -130,3 +130,14 @@ def run_script(
         text=True,
         timeout=timeout,
     )
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """A command that failed as medseg promises: exit status 1, no traceback, and one line of
+    its output holding every fragment (the file and the problem). Returns that line."""
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, f"exit status {result.returncode}:\n{output}"
+    assert "Traceback" not in output, output
+    lines = [line for line in output.splitlines() if all(f in line for f in fragments)]
+    assert lines, f"no line names all of {fragments}:\n{output}"
+    return lines[0]
