@@ -83,11 +83,6 @@ class NonFinitePolicy:
             "replace them"
         )
 
-    def screen(self, data: np.ndarray, source: str) -> np.ndarray:
-        """Check a whole image (error mode) and return it with non-finite voxels replaced."""
-        self.check(nonfinite_counts(data), source)
-        return self.replace(data)
-
     def screen_blocks(self, blocks: Iterable[np.ndarray], source: str) -> Iterator[np.ndarray]:
         """Blocks of one image (read slab by slab), replaced; in error mode the DataError comes
         after the last block, so it counts the whole image."""
