@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +33,7 @@ from medseg.data.geometry import (
     ResampleLimit,
     warn_implausible_spacing,
 )
-from medseg.data.preprocess import build_preprocessing, image_source
+from medseg.data.preprocess import build_preprocessing, image_source, preprocess_settings
 from medseg.data.subjects import case_to_subject, open_as_nifti
 from medseg.errors import ConfigError, DataError
 from medseg.inference import predict_cascade_averaged
@@ -197,10 +197,11 @@ class Predictor:
         first = modules[0].hparams
         for index, module in enumerate(modules[1:], start=1):
             for key in ENSEMBLE_KEYS:
-                if module.hparams[key] != first[key]:
+                theirs, mine = _ensemble_value(module.hparams, key), _ensemble_value(first, key)
+                if theirs != mine:
                     raise ConfigError(
                         f"ckpt_path: checkpoint {index} differs from checkpoint 0 in {key} "
-                        f"({module.hparams[key]} vs {first[key]}); an ensemble needs the same"
+                        f"({theirs} vs {mine}); an ensemble needs the same"
                     )
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -306,6 +307,12 @@ class Predictor:
                 f"{files}: has {channels} channel(s), the model expects {self.in_channels}"
             )
         return subject
+
+
+def _ensemble_value(hparams: Mapping, key: str) -> object:
+    """A hyperparameter as ensemble members are compared on it: preprocessing with the
+    defaults of settings added since a checkpoint was written."""
+    return preprocess_settings(hparams[key]) if key == "preprocess" else hparams[key]
 
 
 def write_prediction(
