@@ -117,6 +117,18 @@ def test_stage_settings_newer_than_the_checkpoint_take_their_defaults(trained_ru
         check_compatible(checkpoint, {"stages": [{**current[0], "downsample": [2, 2, 1]}]}, "x")
 
 
+def test_preprocess_settings_newer_than_the_checkpoint_take_their_defaults(trained_run):
+    _, run, _ = trained_run
+    checkpoint = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    current = dict(checkpoint["hyper_parameters"]["preprocess"])
+    older = {k: v for k, v in current.items() if k not in ("nonfinite", "nonfinite_value")}
+    checkpoint["hyper_parameters"]["preprocess"] = older
+    check_compatible(checkpoint, {"preprocess": {**current, "nonfinite": "error"}}, "x.ckpt")
+    replacing = {**current, "nonfinite": "replace", "nonfinite_value": -1024}
+    with pytest.raises(ConfigError, match=r"data.preprocess.nonfinite: checkpoint has 'error'"):
+        check_compatible(checkpoint, {"preprocess": replacing}, "x.ckpt")
+
+
 def test_other_differences_are_warnings(trained_run, caplog):
     _, run, _ = trained_run
     checkpoint = load_checkpoint(run / "checkpoints" / "last.ckpt")

@@ -285,6 +285,12 @@ def test_ensemble_members_must_agree():
         Predictor([make_module(), other])
 
 
+def test_an_older_ensemble_member_without_newer_preprocess_settings_fits():
+    current = {"canonical": True, "intensity": {"mode": "none"}, "nonfinite": "error"}
+    older = make_module(preprocess={"canonical": True, "intensity": {"mode": "none"}})
+    assert len(Predictor([make_module(preprocess=current), older]).modules) == 2
+
+
 def test_mc_dropout_writes_an_entropy_map(phantom_label, tmp_path):
     label, affine = phantom_label
     image = save(label.astype(np.float32), affine, tmp_path / "case.nii.gz")

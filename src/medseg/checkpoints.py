@@ -23,6 +23,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
+from medseg.data.preprocess import preprocess_settings
 from medseg.errors import ConfigError, DataError
 from medseg.module import SegmentationModule
 from medseg.stages import parse_stage
@@ -128,6 +129,11 @@ def check_compatible(
     differing config key; other differences (loss, optimizer, ...) are logged as warnings.
     """
     saved = dict(checkpoint["hyper_parameters"])
+    current = dict(current)
+    for hparams in (saved, current):
+        if "preprocess" in hparams:
+            # Preprocessing settings added since the checkpoint was written take their defaults.
+            hparams["preprocess"] = preprocess_settings(hparams["preprocess"])
     if "stages" in saved:
         # Stage settings added since the checkpoint was written take their defaults.
         labels = saved.get("dataset_labels", {})

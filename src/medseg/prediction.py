@@ -1,18 +1,20 @@
 """Predict whole cases in their original geometry and write them as NIfTI.
 
 A case is read as it is on disk, prepared with the preprocessing stored in the checkpoint
-(reorientation, resampling, intensity) and predicted stage by stage by
+(non-finite voxels, reorientation, resampling, intensity) and predicted stage by stage by
 :func:`medseg.inference.predict_cascade_averaged`; every stage's probabilities are resampled
 back onto the input's own voxel grid and the cascade decides there (thresholds, lesion only
 inside its organ), so the written label map has the input's shape, spacing, orientation and
-affine, and overlays it exactly in a viewer.
+affine, and overlays it exactly in a viewer. That holds for a volume thinner than
+resampling needs (a single slice saved as 3D) too: it is padded by repeating its edge voxels
+for the network, and the prediction is resampled back onto its one slice.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +28,12 @@ from rich.progress import Progress
 
 from medseg.checkpoints import load_module
 from medseg.data.cases import NIFTI_SUFFIXES, Case, group_case_files
-from medseg.data.preprocess import build_preprocessing
+from medseg.data.geometry import (
+    DEFAULT_MAX_RESAMPLE_GROWTH,
+    ResampleLimit,
+    warn_implausible_spacing,
+)
+from medseg.data.preprocess import build_preprocessing, image_source, preprocess_settings
 from medseg.data.subjects import case_to_subject, open_as_nifti
 from medseg.errors import ConfigError, DataError
 from medseg.inference import predict_cascade_averaged
@@ -165,6 +172,11 @@ class Predictor:
         precision: ``32-true``, ``bf16-mixed`` or ``16-mixed`` autocast.
         device: ``cpu``, ``cuda``, ... or ``auto`` (a GPU when there is one).
         overlap, batch_size: sliding-window settings; None keeps the checkpoint's.
+        nonfinite, nonfinite_value: the policy for NaN/Inf input voxels (``error`` or
+            ``replace`` with a value); None applies the checkpoint's ``data.preprocess``
+            policy (a value alone replaces its value).
+        max_resample_growth: an input whose resampling to the checkpoint's spacing would
+            multiply its voxels by more than this is refused.
     """
 
     def __init__(
@@ -176,16 +188,20 @@ class Predictor:
         device: str = "auto",
         overlap: float | None = None,
         batch_size: int | None = None,
+        nonfinite: str | None = None,
+        nonfinite_value: float | None = None,
+        max_resample_growth: float = DEFAULT_MAX_RESAMPLE_GROWTH,
     ):
         if not modules:
             raise ConfigError("ckpt_path: at least one checkpoint is needed")
         first = modules[0].hparams
         for index, module in enumerate(modules[1:], start=1):
             for key in ENSEMBLE_KEYS:
-                if module.hparams[key] != first[key]:
+                theirs, mine = _ensemble_value(module.hparams, key), _ensemble_value(first, key)
+                if theirs != mine:
                     raise ConfigError(
                         f"ckpt_path: checkpoint {index} differs from checkpoint 0 in {key} "
-                        f"({module.hparams[key]} vs {first[key]}); an ensemble needs the same"
+                        f"({theirs} vs {mine}); an ensemble needs the same"
                     )
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -200,13 +216,26 @@ class Predictor:
         self.precision = precision
         self.in_channels = int(first.in_channels)
         self.class_names = modules[0].class_names
-        self.preprocessing = build_preprocessing(**dict(first.preprocess or {}))
+        preprocess = dict(first.preprocess or {})
+        if nonfinite is not None:
+            preprocess |= {"nonfinite": nonfinite, "nonfinite_value": nonfinite_value}
+        elif nonfinite_value is not None:
+            preprocess["nonfinite_value"] = nonfinite_value
+        self.preprocessing = build_preprocessing(
+            **preprocess,
+            nonfinite_key="prediction",
+            resample_limit=ResampleLimit.from_config(
+                max_resample_growth, "prediction.max_resample_growth"
+            ),
+            pad_thin_axes=True,
+        )
         self.label_values = output_label_values(modules[0])
 
     def predict(self, case: Case) -> CasePrediction:
         """Predict one case; raises DataError naming the file when it cannot be used."""
         subject = self._load(case)
         original = subject["image"]
+        warn_implausible_spacing(image_source(original), original.affine, original.spatial_shape)
         prepared = self.preprocessing(subject)["image"]
         prediction = predict_cascade_averaged(
             self.modules,
@@ -278,6 +307,12 @@ class Predictor:
                 f"{files}: has {channels} channel(s), the model expects {self.in_channels}"
             )
         return subject
+
+
+def _ensemble_value(hparams: Mapping, key: str) -> object:
+    """A hyperparameter as ensemble members are compared on it: preprocessing with the
+    defaults of settings added since a checkpoint was written."""
+    return preprocess_settings(hparams[key]) if key == "preprocess" else hparams[key]
 
 
 def write_prediction(

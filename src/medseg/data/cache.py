@@ -7,9 +7,11 @@ of them prepares a new cache, never reusing a stale one. Inside, each case is a 
 source files; a case whose files changed is prepared again. Preparing writes each case
 atomically, so an interrupted or failed run leaves only complete cases.
 
-NIfTI/DICOM cases are read whole, preprocessed with TorchIO (orientation, crop to the
-non-zero region, resampling, intensity normalization) and stored. Zarr datasets are read in
-place: the cache holds only what sampling needs (label locations, intensity statistics).
+NIfTI/DICOM cases are read whole, preprocessed with TorchIO (non-finite voxels, orientation,
+crop to the non-zero region, resampling, intensity normalization) and stored. Zarr datasets
+are read in place: the cache holds only what sampling needs (label locations, intensity
+statistics); their non-finite voxels are checked slab by slab while the statistics are
+gathered, and replaced on every read (``data.preprocess.nonfinite=replace``).
 """
 
 from __future__ import annotations
@@ -29,11 +31,14 @@ import zarr
 from medseg.data.cascade import prior_key
 from medseg.data.cases import Case, CaseValidationError, DatasetInfo, validate_cases
 from medseg.data.fingerprint import dataset_fingerprint
+from medseg.data.geometry import ResampleLimit
+from medseg.data.nonfinite import NonFinitePolicy
 from medseg.data.prepared import PreparedCase
 from medseg.data.preprocess import (
     NONZERO_BOX,
     IntensityNormalization,
     MergeLabelMasks,
+    ScreenNonFinite,
     build_preprocessing,
 )
 from medseg.data.scan import LabelIndex, case_rng, foreground_intensities, scan_label, slabs
@@ -118,15 +123,19 @@ def check_zarr_settings(settings: Mapping) -> None:
             )
 
 
-def prepare_case(case: Case, dataset: DatasetInfo, settings: Mapping) -> CaseRecord:
-    """Preprocess one case (files) or scan it in place (Zarr).
+def prepare_case(
+    case: Case, dataset: DatasetInfo, settings: Mapping, limit: ResampleLimit | None = None
+) -> CaseRecord:
+    """Preprocess one case (files) or scan it in place (Zarr); ``limit`` bounds resampling
+    (None: the default of ``data.max_resample_growth``).
 
     Raises:
-        DataError: naming the unreadable file and the problem.
+        DataError: naming the file and the problem (unreadable, non-finite voxels, an axis
+            too thin to resample, a resampling that would grow it past ``limit``).
     """
     if dataset.storage == "zarr":
         return _scan_zarr_case(case, dataset, settings)
-    return _preprocess_file_case(case, dataset, settings)
+    return _preprocess_file_case(case, dataset, settings, limit)
 
 
 def _load(image: tio.Image, case: Case) -> None:
@@ -145,12 +154,17 @@ def _load_subject(case: Case, label_maps: Mapping[str, Path] | None = None) -> t
     return subject
 
 
-def _preprocess_file_case(case: Case, dataset: DatasetInfo, settings: Mapping) -> CaseRecord:
+def _preprocess_file_case(
+    case: Case, dataset: DatasetInfo, settings: Mapping, limit: ResampleLimit | None
+) -> CaseRecord:
     subject = _load_subject(case)
     source_affine = subject["image"].affine.copy()
     source_shape = list(subject.spatial_shape)
-    # Merged masks first, so the fingerprint's foreground includes them.
+    # Merged masks first, so the fingerprint's foreground includes them; non-finite voxels
+    # before the fingerprint samples intensities (build_preprocessing screens them again,
+    # finding none).
     subject = MergeLabelMasks()(subject)
+    subject = ScreenNonFinite(_nonfinite_policy(settings))(subject)
     if settings["canonical"]:
         subject = tio.ToCanonical()(subject)
     oriented = {"shape": list(subject.spatial_shape), "spacing": list(subject.spacing)}
@@ -161,7 +175,7 @@ def _preprocess_file_case(case: Case, dataset: DatasetInfo, settings: Mapping) -
         if label is not None
         else np.zeros((image.shape[0], 0), np.float32)
     )
-    subject = build_preprocessing(**{**settings, "canonical": False})(subject)
+    subject = build_preprocessing(**{**settings, "canonical": False}, resample_limit=limit)(subject)
     box = subject.get(NONZERO_BOX)
     image = subject["image"].data.numpy().astype(np.float32)
     label = subject["label"].data[0].numpy() if "label" in subject else None
@@ -178,12 +192,12 @@ def _preprocess_file_case(case: Case, dataset: DatasetInfo, settings: Mapping) -
 
 
 def prepare_priors(
-    case: Case, settings: Mapping, paths: Mapping[str, Path]
+    case: Case, settings: Mapping, paths: Mapping[str, Path], limit: ResampleLimit | None = None
 ) -> dict[str, np.ndarray]:
     """Masks of ``paths`` (stage -> file on the case's source grid) preprocessed as the case
     is (the same orientation, crop and resampling), as uint8 arrays on its training grid."""
     subject = _load_subject(case, {prior_key(stage): path for stage, path in paths.items()})
-    subject = build_preprocessing(**settings)(subject)
+    subject = build_preprocessing(**settings, resample_limit=limit)(subject)
     return {
         stage: (subject[prior_key(stage)].data[0].numpy() > 0).astype(np.uint8) for stage in paths
     }
@@ -199,16 +213,33 @@ def _scan(label, dataset: DatasetInfo, case: Case, source: str) -> LabelIndex | 
     return scan_label(label, dataset.labels, case_rng(case.case_id, "locations"), source)
 
 
+def _nonfinite_policy(settings: Mapping) -> NonFinitePolicy:
+    return NonFinitePolicy.from_config(settings["nonfinite"], settings["nonfinite_value"])
+
+
+def _zarr_statistics(
+    image, normalization: IntensityNormalization, policy: NonFinitePolicy, source: str
+) -> np.ndarray | None:
+    """One pass over the image's slabs: its non-finite voxels counted (refused or replaced,
+    as the policy says) and the statistics the normalization needs gathered."""
+    read = (np.asarray(image[:, rows]) for _, rows in slabs(image, 1))
+    blocks = policy.screen_blocks(read, source)
+    if normalization.needs_statistics:
+        return normalization.statistics(blocks, source)
+    for _ in blocks:  # the non-finite check reads the whole image either way
+        pass
+    return None
+
+
 def _scan_zarr_case(case: Case, dataset: DatasetInfo, settings: Mapping) -> CaseRecord:
     try:
         image, label, affine = zarr_case_arrays(case)
         index = _scan(label, dataset, case, str(case.label))
         normalization = IntensityNormalization.from_config(**settings["intensity"])
-        statistics = normalization.statistics(
-            (np.asarray(image[:, rows]) for _, rows in slabs(image, 1)), str(case.images[0])
-        )
+        policy = _nonfinite_policy(settings)
+        statistics = _zarr_statistics(image, normalization, policy, str(case.images[0]))
         foreground = 0 if index is None else sum(n for v, n in index.counts.items() if v > 0)
-        intensities = (
+        intensities = policy.replace(
             foreground_intensities(image, label, foreground, case_rng(case.case_id, "fg"))
             if label is not None
             else np.zeros((image.shape[0], 0), np.float32)
@@ -271,11 +302,17 @@ def _is_current(path: Path, signature: list) -> bool:
     )
 
 
-def prepare_cache(dataset: DatasetInfo, settings: Mapping, cache_dir: str | Path) -> Path:
+def prepare_cache(
+    dataset: DatasetInfo,
+    settings: Mapping,
+    cache_dir: str | Path,
+    limit: ResampleLimit | None = None,
+) -> Path:
     """Prepare every case that is missing or stale; return the cache folder.
 
     Cases that need preparing are validated first (one error lists every bad case); a case
-    that fails while being read is reported with the others after the rest are written.
+    that fails while being read (see :func:`prepare_case`; ``limit`` bounds resampling) is
+    reported with the others after the rest are written.
     """
     root = cache_location(cache_dir, dataset, settings)
     stale = []
@@ -293,7 +330,7 @@ def prepare_cache(dataset: DatasetInfo, settings: Mapping, cache_dir: str | Path
         case = dataset.case(case_id)
         log.info("preparing %s (%d/%d) into %s", case_id, number, len(stale), root)
         try:
-            record = prepare_case(case, dataset, settings)
+            record = prepare_case(case, dataset, settings, limit)
         except DataError as error:
             problems.append(str(error))
             continue
@@ -348,21 +385,28 @@ def write_fingerprint(root: Path, dataset: DatasetInfo) -> dict:
 
 
 def open_cases(
-    dataset: DatasetInfo, settings: Mapping, root: Path | None, case_ids: Sequence[str]
+    dataset: DatasetInfo,
+    settings: Mapping,
+    root: Path | None,
+    case_ids: Sequence[str],
+    limit: ResampleLimit | None = None,
 ) -> list[PreparedCase]:
-    """The prepared cases: from the cache at ``root``, or prepared in memory when None."""
+    """The prepared cases: from the cache at ``root``, or prepared in memory when None
+    (``limit`` bounds resampling)."""
     cases = []
     for case_id in case_ids:
         case = dataset.case(case_id)
         if root is None:
-            cases.append(_in_memory(case, dataset, settings))
+            cases.append(_in_memory(case, dataset, settings, limit))
         else:
             cases.append(_from_cache(root / case_id, case, dataset, settings))
     return cases
 
 
-def _in_memory(case: Case, dataset: DatasetInfo, settings: Mapping) -> PreparedCase:
-    record = prepare_case(case, dataset, settings)
+def _in_memory(
+    case: Case, dataset: DatasetInfo, settings: Mapping, limit: ResampleLimit | None
+) -> PreparedCase:
+    record = prepare_case(case, dataset, settings, limit)
     if dataset.storage == "zarr":
         return _zarr_case(case, settings, record.index, record.meta["statistics"])
     return PreparedCase(case.case_id, record.image, record.label, record.affine, record.index)
@@ -388,6 +432,7 @@ def _from_cache(path: Path, case: Case, dataset: DatasetInfo, settings: Mapping)
 def _zarr_case(case: Case, settings: Mapping, index: LabelIndex | None, statistics) -> PreparedCase:
     image, label, affine = zarr_case_arrays(case)
     normalization = IntensityNormalization.from_config(**settings["intensity"])
+    policy = _nonfinite_policy(settings)
     return PreparedCase(
         case.case_id,
         image,
@@ -396,6 +441,7 @@ def _zarr_case(case: Case, settings: Mapping, index: LabelIndex | None, statisti
         index,
         normalization=normalization if normalization.mode != "none" else None,
         statistics=None if statistics is None else np.asarray(statistics),
+        nonfinite=policy if policy.mode == "replace" else None,
     )
 
 

@@ -22,6 +22,7 @@ import nibabel as nib
 import numpy as np
 import torchio as tio
 
+from medseg.data.geometry import warn_implausible_spacing
 from medseg.errors import DataError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -288,6 +289,7 @@ def _case_problems(
         return problems
     reference_path, reference = headers[0]
     spatial = reference.shape[:3]
+    warn_implausible_spacing(str(reference_path), reference.affine, spatial)
     channels = 0
     for path, image in headers:
         channels += image.shape[3] if len(image.shape) == 4 else 1

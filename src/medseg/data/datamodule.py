@@ -25,6 +25,7 @@ from medseg.data.cache import (
 )
 from medseg.data.cascade import PerturbedStageMasks, check_mask_source, prediction_mask_paths
 from medseg.data.cases import DatasetInfo, discover_cases
+from medseg.data.geometry import DEFAULT_MAX_RESAMPLE_GROWTH, ResampleLimit
 from medseg.data.patches import (
     SAMPLERS,
     PatchDataset,
@@ -97,6 +98,8 @@ class SegmentationDataModule(L.LightningDataModule):
         test_fraction, num_folds, fold, split_seed: see :func:`split_cases`.
         targets: ``{path, id_column}`` of a CSV/TSV file with case-level targets (one row
             per case), read when a stage has classification or regression tasks.
+        max_resample_growth: a case whose resampling to ``preprocess.spacing`` would multiply
+            its voxels by more than this is refused (a wrong spacing in its header).
     """
 
     def __init__(
@@ -123,6 +126,7 @@ class SegmentationDataModule(L.LightningDataModule):
         fold: int = 0,
         split_seed: int = 0,
         targets: Mapping | None = None,
+        max_resample_growth: float = DEFAULT_MAX_RESAMPLE_GROWTH,
     ):
         super().__init__()
         self.root = Path(root).expanduser()
@@ -131,6 +135,9 @@ class SegmentationDataModule(L.LightningDataModule):
         self.phantom = dict(phantom) if phantom is not None else None
         self.preprocess = dict(preprocess or {})
         self.settings = preprocess_settings(self.preprocess)
+        self.resample_limit = ResampleLimit.from_config(
+            max_resample_growth, "data.max_resample_growth"
+        )
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
         self.slice_axis = check_slice_axis(slice_axis)
         dims = 3 if slice_axis is None else 2
@@ -228,7 +235,9 @@ class SegmentationDataModule(L.LightningDataModule):
         """Generate the phantom (if configured) and prepare the cache (if ``cache_dir``)."""
         self._write_phantom()
         if self.cache_dir is not None:
-            self.cache_root = prepare_cache(self.dataset, self.settings, self.cache_dir)
+            self.cache_root = prepare_cache(
+                self.dataset, self.settings, self.cache_dir, self.resample_limit
+            )
 
     @cached_property
     def dataset(self) -> DatasetInfo:
@@ -273,7 +282,9 @@ class SegmentationDataModule(L.LightningDataModule):
             if name in self.cases:
                 continue
             ids = self.shares[name]
-            self.cases[name] = open_cases(self.dataset, self.settings, self.cache_root, ids)
+            self.cases[name] = open_cases(
+                self.dataset, self.settings, self.cache_root, ids, self.resample_limit
+            )
             for case in self.cases[name]:
                 targets = self.case_targets.get(case.case_id, {})
                 case.values = {target_key(task): value for task, value in targets.items()}
@@ -349,7 +360,9 @@ class SegmentationDataModule(L.LightningDataModule):
             for name in names.values()
         )
         case_info = self.dataset.case(case.case_id)
-        arrays = {} if stored else prepare_priors(case_info, self.settings, paths)
+        arrays = (
+            {} if stored else prepare_priors(case_info, self.settings, paths, self.resample_limit)
+        )
         return {
             stage: self._cached(case, name, lambda stage=stage: arrays[stage], volume=True)
             for stage, name in names.items()

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torchio as tio
 
+from medseg.data.nonfinite import NonFinitePolicy
 from medseg.data.preprocess import IntensityNormalization
 from medseg.data.scan import LabelIndex
 
@@ -33,6 +34,8 @@ class PreparedCase:
         normalization: applied to every read box (Zarr datasets read in place); None when
             the arrays hold normalized intensities already.
         statistics: the per-channel statistics ``normalization`` needs.
+        nonfinite: replaces non-finite voxels of every read box before it is normalized
+            (Zarr datasets read in place with ``data.preprocess.nonfinite=replace``).
         preselected: [N, 3] corners of patches with enough labelled voxels (sampler
             ``labelled``), or None.
         priors: stage -> [x, y, z] mask of an earlier cascade stage's predictions (training
@@ -48,6 +51,7 @@ class PreparedCase:
     index: LabelIndex | None = None
     normalization: IntensityNormalization | None = None
     statistics: np.ndarray | None = None
+    nonfinite: NonFinitePolicy | None = None
     preselected: np.ndarray | None = None
     priors: dict[str, Any] = field(default_factory=dict)
     values: dict[str, int | float] = field(default_factory=dict)
@@ -84,6 +88,8 @@ class PreparedCase:
         inside, padding = self._box(corner, size)
         # Copies, never views: augmentation must not write into in-memory volumes.
         image = self.image[(slice(None), *inside)]
+        if self.nonfinite is not None:
+            image = self.nonfinite.replace(np.asarray(image))
         if self.normalization is not None:
             image = self.normalization.apply(image, self.statistics)
         else:

@@ -1,4 +1,5 @@
-"""Deterministic preprocessing: orientation, crop to the non-zero region, resampling, intensity.
+"""Deterministic preprocessing: non-finite voxels, orientation, crop to the non-zero region,
+resampling, intensity.
 
 Intensity normalization is one :class:`IntensityNormalization` used in two ways: as a TorchIO
 transform on whole volumes (NIfTI/DICOM cases, prepared once into the cache) and point by
@@ -8,6 +9,7 @@ volume larger than memory is never loaded.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -15,8 +17,12 @@ import numpy as np
 import torch
 import torchio as tio
 
+from medseg.data.geometry import ResampleLimit, thin_axes, thin_axes_error, thin_axis_padding
+from medseg.data.nonfinite import NonFinitePolicy, nonfinite_counts
 from medseg.data.subjects import MERGE_PREFIX
 from medseg.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 INTENSITY_MODES = ("ct_window", "zscore", "zscore_nonzero", "none")
 # Subject key under which CropToNonzero records its box: [x0, y0, z0, x1, y1, z1] voxels.
@@ -116,6 +122,38 @@ class IntensityNormalization:
         return np.where(data != 0, normalized, 0) if self.mode == "zscore_nonzero" else normalized
 
 
+def image_source(image: tio.Image) -> str:
+    """The file(s) an image was read from, for messages."""
+    if image.path is None:
+        return "image"
+    paths = image.path if isinstance(image.path, list | tuple) else [image.path]
+    return ", ".join(str(p) for p in paths)
+
+
+class ScreenNonFinite(tio.IntensityTransform):
+    """Apply a :class:`NonFinitePolicy` to every intensity image: refuse non-finite voxels,
+    naming the channel's file, or replace them."""
+
+    def __init__(self, policy: NonFinitePolicy, **kwargs):
+        super().__init__(**kwargs)
+        self.policy = policy
+        self.args_names = ["policy"]
+
+    def apply_transform(self, subject: tio.Subject) -> tio.Subject:
+        for image in self.get_images(subject):
+            data = image.data.numpy()
+            files = image.path if isinstance(image.path, list | tuple) else [image.path]
+            if len(files) == len(data) > 1:  # one file per channel: name the one at fault
+                for channel, path in zip(data, files, strict=True):
+                    self.policy.check(nonfinite_counts(channel), str(path))
+            else:
+                self.policy.check(nonfinite_counts(data), image_source(image))
+            replaced = self.policy.replace(data)
+            if replaced is not data:
+                image.set_data(torch.from_numpy(replaced))
+        return subject
+
+
 class Normalize(tio.IntensityTransform):
     """:class:`IntensityNormalization` of whole images, with statistics per image."""
 
@@ -127,7 +165,7 @@ class Normalize(tio.IntensityTransform):
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
         for image in self.get_images(subject):
             data = image.data.numpy()
-            stats = self.normalization.statistics([data], str(image.path or "image"))
+            stats = self.normalization.statistics([data], image_source(image))
             image.set_data(torch.from_numpy(self.normalization.apply(data, stats)))
         return subject
 
@@ -161,11 +199,53 @@ class CropToNonzero(tio.SpatialTransform):
         return cropped
 
 
+class GuardedResample(tio.SpatialTransform):
+    """TorchIO's antialiased Resample to a spacing, after the checks it lacks.
+
+    A resampling that would grow the volume more than ``limit`` allows is refused before it
+    starts. An axis thinner than ITK's smoothing needs is padded by repeating its edge voxels
+    (``pad_thin_axes``: prediction, whose output is resampled back onto the input's own grid)
+    or refused with a DataError (training: padding would invent slices of label).
+    """
+
+    def __init__(
+        self, spacing: tuple[float, float, float], limit: ResampleLimit, pad_thin_axes: bool
+    ):
+        super().__init__()
+        self.spacing = spacing
+        self.limit = limit
+        self.pad_thin_axes = pad_thin_axes
+        self.args_names = ["spacing", "limit", "pad_thin_axes"]
+
+    def apply_transform(self, subject: tio.Subject) -> tio.Subject:
+        image = subject["image"]
+        source, shape = image_source(image), image.spatial_shape
+        self.limit.check(source, shape, image.spacing, self.spacing)
+        if thin_axes(shape):
+            if not self.pad_thin_axes:
+                raise thin_axes_error(source, shape)
+            padding = thin_axis_padding(shape)
+            log.warning(
+                "%s: %s voxels, padded by repeating edge voxels to resample it (%s)",
+                source,
+                "x".join(map(str, shape)),
+                padding,
+            )
+            subject = tio.Pad(padding, padding_mode="edge", copy=False)(subject)
+        return tio.Resample(self.spacing, antialias=True, copy=False)(subject)
+
+
 def build_preprocessing(
     canonical: bool = True,
     crop_nonzero: bool = False,
     spacing: Sequence[float] | None = None,
     intensity: Mapping | None = None,
+    nonfinite: str = "error",
+    nonfinite_value: float | None = None,
+    *,
+    nonfinite_key: str = "data.preprocess",
+    resample_limit: ResampleLimit | None = None,
+    pad_thin_axes: bool = False,
 ) -> tio.Compose:
     """The deterministic part of the data pipeline, applied once per case.
 
@@ -175,15 +255,23 @@ def build_preprocessing(
             scans; a no-op for CT, whose air is -1000 HU).
         spacing: target voxel spacing in mm (x, y, z); None keeps each case's own.
         intensity: keyword arguments of :meth:`IntensityNormalization.from_config`.
+        nonfinite, nonfinite_value: the :class:`NonFinitePolicy` for NaN/Inf image voxels,
+            applied before anything else (resampling would smear them); ``nonfinite_key``
+            is where users set it (named in errors).
+        resample_limit, pad_thin_axes: see :class:`GuardedResample` (not settings of the
+            prepared data: they decide only whether a case is refused); None: the default
+            limit of ``data.max_resample_growth``.
     """
-    transforms: list[tio.Transform] = [MergeLabelMasks()]
+    policy = NonFinitePolicy.from_config(nonfinite, nonfinite_value, nonfinite_key)
+    transforms: list[tio.Transform] = [MergeLabelMasks(), ScreenNonFinite(policy)]
     if canonical:
         transforms.append(tio.ToCanonical())
     if crop_nonzero:
         transforms.append(CropToNonzero())
     target = check_spacing(spacing)
     if target is not None:
-        transforms.append(tio.Resample(target, antialias=True))
+        limit = resample_limit or ResampleLimit()
+        transforms.append(GuardedResample(target, limit, pad_thin_axes))
     normalization = IntensityNormalization.from_config(**dict(intensity or {"mode": "none"}))
     if normalization.mode != "none":
         transforms.append(Normalize(normalization))
@@ -205,6 +293,8 @@ PREPROCESS_DEFAULTS = {
     "crop_nonzero": False,
     "spacing": None,
     "intensity": {"mode": "none"},
+    "nonfinite": "error",
+    "nonfinite_value": None,
 }
 
 
@@ -223,9 +313,12 @@ def preprocess_settings(preprocess: Mapping | None) -> dict:
     intensity: dict = {"mode": normalization.mode}
     if normalization.window is not None:
         intensity["window"] = list(normalization.window)
+    nonfinite = NonFinitePolicy.from_config(settings["nonfinite"], settings["nonfinite_value"])
     return {
         "canonical": bool(settings["canonical"]),
         "crop_nonzero": bool(settings["crop_nonzero"]),
         "spacing": None if spacing is None else list(spacing),
         "intensity": intensity,
+        "nonfinite": nonfinite.mode,
+        "nonfinite_value": nonfinite.value,
     }

@@ -35,6 +35,7 @@ from zarr.codecs import BytesCodec
 from zarr.storage import LocalStore
 
 from medseg.data.cases import Case, CaseValidationError, DatasetInfo, parse_channels, parse_labels
+from medseg.data.geometry import warn_implausible_spacing
 from medseg.data.prepared import ChannelAxis
 from medseg.data.scan import LabelIndex
 from medseg.data.subjects import case_to_subject
@@ -180,10 +181,11 @@ def validate_zarr_cases(dataset: DatasetInfo, require_labels: bool = True) -> No
             problems.append(f"{case.case_id}: {case.images[0].parent}: no 'label' array")
             continue
         try:
-            image, _, _ = zarr_case_arrays(case)
+            image, _, affine = zarr_case_arrays(case)
         except DataError as error:
             problems.append(f"{case.case_id}: {error}")
             continue
+        warn_implausible_spacing(str(case.images[0]), affine, image.shape[1:])
         if image.shape[0] != len(dataset.channels):
             problems.append(
                 f"{case.case_id}: {case.images[0]}: has {image.shape[0]} channel(s), the "
