@@ -7,6 +7,7 @@ are printed as one message and exit with status 1 instead of a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -14,8 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import hydra
-import rich
-import rich.markup
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
@@ -26,7 +25,8 @@ from medseg import pipeline
 from medseg.errors import MedsegError
 from medseg.sweeps import write_job_result
 from medseg.utils.config import register_resolvers
-from medseg.utils.rich_utils import print_config_tree
+from medseg.utils.outputs import check_output_folders
+from medseg.utils.rich_utils import print_config_tree, print_error
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +59,17 @@ def run_task(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) ->
         print_config_tree(cfg)
     output_dir = Path(cfg.paths.output_dir)
     try:
+        check_output_folders(cfg, ["paths.output_dir"])  # result.json, and the task's files
         metrics = task(cfg)
     except Exception as error:
         user_error = _is_user_error(error)
         if rank_zero_only.rank == 0:
-            write_job_result(output_dir, "failed", error=f"{type(error).__name__}: {error}")
+            # an unwritable run folder is itself the error reported below
+            with contextlib.suppress(OSError):
+                write_job_result(output_dir, "failed", error=f"{type(error).__name__}: {error}")
         if user_error:
             log.error("%s", error)
-            rich.print(f"[bold red]error:[/bold red] {rich.markup.escape(str(error))}")
+            print_error(str(error))
         if _in_multirun():
             if not user_error:
                 log.exception("job failed")

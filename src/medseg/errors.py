@@ -15,3 +15,7 @@ class DataError(MedsegError):
 
 class TrainingError(MedsegError):
     """A run that cannot go on (e.g. a non-finite loss), explained in one message."""
+
+
+class ResourceError(MedsegError):
+    """The machine ran out of memory or disk space: the run stops, what it finished is kept."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -22,6 +22,7 @@ from medseg.data.subjects import open_as_nifti
 from medseg.errors import DataError
 from medseg.metrics import METRICS, case_metrics
 from medseg.reports import summarize, write_case_csv, write_summary_json
+from medseg.utils.failures import case_failure
 from medseg.utils.rich_utils import print_summary_table
 
 log = logging.getLogger(__name__)
@@ -41,11 +42,13 @@ class ScoringPair:
 
 @dataclass
 class Evaluation:
-    """Per-case rows and the voxel confusion matrix (reference rows, prediction columns)."""
+    """Per-case rows and the voxel confusion matrix (reference rows, prediction columns) of
+    the cases scored, and one line per case that could not be scored."""
 
     rows: list[dict]
     confusion: np.ndarray
     class_names: list[str]
+    failures: list[str] = field(default_factory=list)
 
     def summary(self, metric: str) -> dict[str, dict]:
         return summarize(self.rows, metric, self.class_names[1:])
@@ -81,7 +84,19 @@ def _read_labels(path: Path, what: str) -> tuple[np.ndarray, nib.Nifti1Image]:
 
 
 def _to_classes(data: np.ndarray, lut: np.ndarray, path: Path, what: str) -> np.ndarray:
-    unknown = [v for v in np.unique(data).tolist() if v != int(v) or not 0 <= v < len(lut)]
+    """Label values -> class indices; a label map must hold finite integer values in the map."""
+    if data.dtype.kind == "f":
+        nonfinite = int(np.count_nonzero(~np.isfinite(data)))
+        if nonfinite:
+            raise DataError(f"{path}: {what} has {nonfinite} non-finite voxels (NaN/Inf)")
+    values = np.unique(data)
+    fractional = values[values != np.round(values)]
+    if fractional.size:
+        raise DataError(
+            f"{path}: {what} has non-integer values (e.g. {fractional[0]:g}); "
+            "a label map must hold integer label values"
+        )
+    unknown = [v for v in values.tolist() if not 0 <= v < len(lut)]
     if unknown:
         raise DataError(
             f"{path}: {what} has label values {unknown[:10]} outside the label map "
@@ -98,6 +113,10 @@ def score_pairs(
 ) -> Evaluation:
     """Score every pair on the reference's voxel grid, in mm.
 
+    A pair that cannot be scored (a file that cannot be read, NaN or non-integer values,
+    values outside the label map, different grids, anything else it raises) is listed in
+    the result's ``failures``, one line each, and the others are scored.
+
     Args:
         pairs: prediction and reference files per case (same shape and affine).
         class_names: names of the classes scored, background first.
@@ -107,29 +126,43 @@ def score_pairs(
     lut = class_lut(value_to_class)
     class_names = list(class_names)
     confusion = np.zeros((len(class_names),) * 2, dtype=np.int64)
-    rows = []
+    evaluation = Evaluation([], confusion, class_names)
     for pair in pairs:
-        reference, ref_image = _read_labels(pair.reference, "reference")
-        for value, mask_path in pair.label_masks:  # as the training data merges them
-            mask, _ = _read_labels(mask_path, "merged mask")
-            reference = np.where((reference == 0) & (mask != 0), value, reference)
-        reference = _to_classes(reference, lut, pair.reference, "reference")
-        prediction, pred_image = _read_labels(pair.prediction, "prediction")
-        prediction = _to_classes(prediction, lut, pair.prediction, "prediction")
-        if prediction.shape != reference.shape or not affines_match(
-            pred_image.affine, ref_image.affine
-        ):
-            raise DataError(
-                f"{pair.prediction}: prediction grid (shape {prediction.shape}) differs from "
-                f"the reference {pair.reference} (shape {reference.shape}) or its affine"
-            )
-        spacing = nib.affines.voxel_sizes(ref_image.affine)
-        row = {"case_id": pair.case_id}
-        row |= case_metrics(prediction, reference, class_names, spacing, tolerance_mm)
-        rows.append(row)
-        flat = reference.ravel() * len(class_names) + prediction.ravel()
-        confusion += np.bincount(flat, minlength=confusion.size).reshape(confusion.shape)
-    return Evaluation(rows, confusion, class_names)
+        try:
+            row, pair_confusion = _score_pair(pair, lut, class_names, tolerance_mm)
+        except Exception as error:
+            files = f"{pair.prediction} (reference {pair.reference})"
+            evaluation.failures.append(case_failure(error, files, "scored"))
+        else:
+            evaluation.rows.append(row)
+            confusion += pair_confusion
+    return evaluation
+
+
+def _score_pair(
+    pair: ScoringPair, lut: np.ndarray, class_names: list[str], tolerance_mm: float
+) -> tuple[dict, np.ndarray]:
+    """The metrics row of one pair and its voxel confusion matrix."""
+    reference, ref_image = _read_labels(pair.reference, "reference")
+    for value, mask_path in pair.label_masks:  # as the training data merges them
+        mask, _ = _read_labels(mask_path, "merged mask")
+        reference = np.where((reference == 0) & (mask != 0), value, reference)
+    reference = _to_classes(reference, lut, pair.reference, "reference")
+    prediction, pred_image = _read_labels(pair.prediction, "prediction")
+    prediction = _to_classes(prediction, lut, pair.prediction, "prediction")
+    if prediction.shape != reference.shape or not affines_match(
+        pred_image.affine, ref_image.affine
+    ):
+        raise DataError(
+            f"{pair.prediction}: prediction grid (shape {prediction.shape}) differs from "
+            f"the reference {pair.reference} (shape {reference.shape}) or its affine"
+        )
+    spacing = nib.affines.voxel_sizes(ref_image.affine)
+    row = {"case_id": pair.case_id}
+    row |= case_metrics(prediction, reference, class_names, spacing, tolerance_mm)
+    size = len(class_names)
+    flat = reference.ravel() * size + prediction.ravel()
+    return row, np.bincount(flat, minlength=size * size).reshape(size, size)
 
 
 def pair_folders(
@@ -177,8 +210,9 @@ def write_reports(
 ) -> dict[str, float]:
     """CSV, JSON summary, console table and pictures; returns the means as logged metrics.
 
-    Writes ``<split>_metrics.csv`` (one row per case), ``<split>_summary.json`` (statistics
-    per metric and class, the confusion matrix, and `details`), and under ``plots/``:
+    Writes ``<split>_metrics.csv`` (one row per scored case), ``<split>_summary.json``
+    (statistics per metric and class, the confusion matrix, `details`, and the cases that
+    could not be scored as ``failures``), and under ``plots/``:
     metric box plots, the confusion matrix and overlays of the `worst_cases` cases with the
     lowest mean Dice (for cases whose image is known).
     """
@@ -199,6 +233,7 @@ def write_reports(
             "columns": "prediction",
             "voxels": evaluation.confusion.tolist(),
         },
+        "failures": evaluation.failures,
     }
     json_path = write_summary_json(summary, output_dir / f"{split}_summary.json")
     print_summary_table(

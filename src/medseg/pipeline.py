@@ -23,18 +23,20 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from medseg import checkpoints, plots
 from medseg.checkpoints import AtomicCheckpointIO, StoreRunConfig, check_compatible
 from medseg.data.cache import FINGERPRINT_FILE, cache_size_bytes, validate_dataset
-from medseg.data.cases import Case, parse_labels
+from medseg.data.cases import Case, CaseValidationError, DatasetInfo, parse_labels
 from medseg.data.datamodule import SegmentationDataModule
 from medseg.data.fingerprint import override_line, suggest
 from medseg.errors import ConfigError, DataError
-from medseg.evaluation import ScoringPair, pair_folders, score_pairs, write_reports
+from medseg.evaluation import Evaluation, ScoringPair, pair_folders, score_pairs, write_reports
 from medseg.module import SegmentationModule, build_module
 from medseg.prediction import Predictor, find_input_cases, load_checkpoint, predict_cases
 from medseg.reports import summarize, write_case_csv, write_summary_json
 from medseg.task_metrics import summarize_case_tasks
 from medseg.training_guards import EpochSeed
+from medseg.utils.failures import raise_failures
 from medseg.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from medseg.utils.io import atomic_write_text
+from medseg.utils.outputs import check_output_folders
 from medseg.utils.rich_utils import print_fingerprint, print_task_table
 
 log = logging.getLogger(__name__)
@@ -46,8 +48,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     Writes into ``cfg.paths.output_dir``: the resolved config, logs, checkpoints, training
     curves and the test split's report (see :func:`test_modules`), whose means are also
     logged as ``test/<metric>_<class>``. ``ckpt_path`` (or ``resume=true``: this run
-    folder's ``last.ckpt``) continues an interrupted run.
+    folder's ``last.ckpt``) continues an interrupted run. Test cases that cannot be
+    predicted or scored are listed in one DataError after the report of the others.
     """
+    check_output_folders(cfg, ["paths.output_dir", "data.cache_dir"])
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -98,7 +102,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if not best:
             log.warning("no best checkpoint was saved: testing the current weights")
         test_cases = [datamodule.dataset.case(i) for i in datamodule.split.test]
-        test_metrics = test_modules(
+        test_metrics, failures = test_modules(
             [load_checkpoint(best) if best else module.eval()],
             test_cases,
             cfg,
@@ -109,6 +113,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             logger.log_metrics(test_metrics, step=trainer.global_step)
             logger.save()
         metrics |= test_metrics
+        _raise_unscored(failures, len(test_cases), output_dir)
     return metrics
 
 
@@ -118,9 +123,14 @@ def test_modules(
     cfg: DictConfig,
     checkpoints: Sequence[str],
     datamodule: SegmentationDataModule | None = None,
-) -> dict[str, float]:
+    failures: Sequence[str] = (),
+) -> tuple[dict[str, float], list[str]]:
     """Predict labelled cases into ``<output_dir>/predictions``, score them in their own
-    geometry and write the ``test`` report; returns ``test/<metric>_<class>`` means.
+    geometry and write the ``test`` report; returns ``test/<metric>_<class>`` means and one
+    line per case that could not be predicted or scored.
+
+    Every case that can be is scored; the report lists the others (`failures`: earlier
+    problems of cases left out, e.g. eval's invalid test cases) under ``failures``.
 
     A model with tasks also has them scored on `datamodule`'s test split (whose cases are
     `cases`): per-case columns ``<task>/...``, a ``tasks`` section of the summary and
@@ -136,36 +146,56 @@ def test_modules(
         rows = [{"case_id": c.case_id, **task_rows.get(c.case_id, {})} for c in cases]
         write_case_csv(rows, output_dir / "test_metrics.csv")
         summary = {**details, "split": "test", "num_cases": len(rows)}
-        write_summary_json(
-            summary | {"cases": [r["case_id"] for r in rows]}, output_dir / "test_summary.json"
-        )
-        return task_metrics
+        summary |= {"cases": [r["case_id"] for r in rows], "failures": list(failures)}
+        write_summary_json(summary, output_dir / "test_summary.json")
+        return task_metrics, list(failures)
     predictor = Predictor(modules, **OmegaConf.to_container(cfg.prediction, resolve=True))
     run = predict_cases(predictor, cases, output_dir / "predictions")
-    if run.failures:
-        raise DataError("\n".join(run.failures))
     pairs = [
         ScoringPair(c.case_id, run.written[c.case_id], c.label, c.images[0], c.label_masks)
         for c in cases
+        if c.case_id in run.written
     ]
     tolerance = cfg.evaluation.nsd_tolerance_mm
     evaluation = score_pairs(pairs, cascade.class_names, cascade.composed_values(), tolerance)
+    evaluation.failures[:0] = [*failures, *run.failures]
     stage_dice: dict[str, float] = {}
     if len(cascade.stages) > 1:  # each stage's own classes, regrouped from the composed map
+        rows = {row["case_id"]: row for row in evaluation.rows}
         for stage in (s for s in cascade.stages if s.classes):
             names = ["background", *stage.classes]
-            scored = score_pairs(pairs, names, cascade.stage_values(stage), tolerance)
-            for row, stage_row in zip(evaluation.rows, scored.rows, strict=True):
-                row |= {f"{stage.name}/{k}": v for k, v in stage_row.items() if "dice_" in k}
+            scored_pairs = [pair for pair in pairs if pair.case_id in rows]
+            scored = score_pairs(scored_pairs, names, cascade.stage_values(stage), tolerance)
+            for stage_row in scored.rows:
+                rows[stage_row["case_id"]] |= {
+                    f"{stage.name}/{k}": v for k, v in stage_row.items() if "dice_" in k
+                }
             means = scored.mean_metrics(f"test/{stage.name}")
             stage_dice |= {k: v for k, v in means.items() if "/dice_" in k}
     details |= {"predictions": str(output_dir / "predictions"), "nsd_tolerance_mm": tolerance}
     for row in evaluation.rows:
         row |= task_rows.get(row["case_id"], {})
-    metrics = write_reports(
-        evaluation, pairs, output_dir, "test", details, cfg.evaluation.worst_cases
+    metrics = _write_test_report(evaluation, pairs, cfg, details)
+    return metrics | stage_dice | task_metrics, evaluation.failures
+
+
+def _write_test_report(
+    evaluation: Evaluation, pairs: Sequence[ScoringPair], cfg: DictConfig, details: dict
+) -> dict[str, float]:
+    """The ``test`` report of the scored cases (none when no case could be scored)."""
+    if not evaluation.rows:
+        return {}
+    output_dir = Path(cfg.paths.output_dir)
+    return write_reports(evaluation, pairs, output_dir, "test", details, cfg.evaluation.worst_cases)
+
+
+def _raise_unscored(failures: Sequence[str], num_cases: int, output_dir: Path) -> None:
+    raise_failures(
+        failures,
+        num_cases,
+        "case(s) could not be scored",
+        f"are scored in {output_dir / 'test_metrics.csv'}",
     )
-    return metrics | stage_dice | task_metrics
 
 
 def test_tasks(
@@ -231,7 +261,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     With a checkpoint, its own preprocessing and patch size are used (the network only works
     on data prepared the way it was trained, and a case-level head on volumes padded as in
     training), whatever ``cfg.data.preprocess`` and ``cfg.data.patch_size`` say.
+
+    Every case that can be is scored and reported; the others (an invalid test case, a
+    prediction that cannot be read or scored) are listed in one DataError at the end.
     """
+    check_output_folders(cfg, ["paths.output_dir"])
     paths = _checkpoint_paths(cfg.get("ckpt_path"))
     if bool(paths) == bool(cfg.get("pred_dir")):
         raise ConfigError(
@@ -251,13 +285,31 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             f"the checkpoint was trained on labels {modules[0].hparams.dataset_labels}, but "
             f"{datamodule.dataset.root} declares {datamodule.dataset.labels}"
         )
-    validate_dataset(datamodule.dataset, datamodule.settings)
+    test_ids = list(datamodule.split.test)
+    cases, invalid = _valid_cases(datamodule.dataset, datamodule.settings, test_ids)
     if modules[0].cascade.tasks:  # their targets come with the datamodule
         datamodule.attach_cascade(modules[0].cascade)
-    cases = [datamodule.dataset.case(i) for i in datamodule.split.test]
-    return test_modules(
-        modules, cases, cfg, checkpoints=[str(p) for p in paths], datamodule=datamodule
+    metrics, failures = test_modules(
+        modules, cases, cfg, [str(p) for p in paths], datamodule=datamodule, failures=invalid
     )
+    _raise_unscored(failures, len(test_ids), Path(cfg.paths.output_dir))
+    return metrics
+
+
+def _valid_cases(
+    dataset: DatasetInfo, settings: dict, case_ids: Sequence[str]
+) -> tuple[list[Case], list[str]]:
+    """The cases that pass validation, and one line (its problems) per case that does not:
+    an invalid test case is listed, the others are still scored."""
+    cases, invalid = [], []
+    for case_id in case_ids:
+        try:
+            validate_dataset(dataset.subset([case_id]), settings)
+        except CaseValidationError as error:
+            invalid.append("; ".join(error.problems))
+        else:
+            cases.append(dataset.case(case_id))
+    return cases, invalid
 
 
 def _evaluate_folders(cfg: DictConfig) -> dict[str, float]:
@@ -277,9 +329,9 @@ def _evaluate_folders(cfg: DictConfig) -> dict[str, float]:
         "labels": str(label_dir),
         "nsd_tolerance_mm": cfg.evaluation.nsd_tolerance_mm,
     }
-    return write_reports(
-        evaluation, pairs, Path(cfg.paths.output_dir), "test", details, cfg.evaluation.worst_cases
-    )
+    metrics = _write_test_report(evaluation, pairs, cfg, details)
+    _raise_unscored(evaluation.failures, len(pairs), Path(cfg.paths.output_dir))
+    return metrics
 
 
 def _folder_labels(labels: DictConfig | None, label_dir: Path) -> dict[int, str]:
@@ -306,6 +358,7 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     Every input that can be read is predicted; the ones that cannot are listed in one
     DataError at the end.
     """
+    check_output_folders(cfg, ["output"])
     paths = _checkpoint_paths(cfg.ckpt_path)
     if not paths:
         raise ConfigError("ckpt_path: a checkpoint (or a list of them) is needed")
@@ -321,12 +374,9 @@ def predict(cfg: DictConfig) -> dict[str, float]:
         save_stage_masks=cfg.save_stage_masks,
     )
     log.info("predicted %d of %d case(s) into %s", len(run.predicted), len(cases), output)
-    if run.failures:
-        problems = "\n".join(f"  - {failure}" for failure in run.failures)
-        raise DataError(
-            f"{len(run.failures)} of {len(cases)} input(s) could not be predicted (the others "
-            f"were written to {output}):\n{problems}"
-        )
+    raise_failures(
+        run.failures, len(cases), "input(s) could not be predicted", f"were written to {output}"
+    )
     return {"predicted_cases": float(len(run.predicted))}
 
 
@@ -401,6 +451,7 @@ def _floats(metrics: dict) -> dict[str, float]:
 def prepare(cfg: DictConfig) -> dict[str, float]:
     """Preprocess ``cfg.data`` into its cache, print the dataset fingerprint and the settings
     it suggests as command-line overrides; return the number of cases and the cache size."""
+    check_output_folders(cfg, ["data.cache_dir"])
     datamodule = instantiate(cfg.data)
     if datamodule.cache_dir is None:
         raise ConfigError("data.cache_dir is null: set it to the folder the cache goes to")

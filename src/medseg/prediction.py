@@ -40,7 +40,8 @@ from medseg.inference import predict_cascade_averaged
 from medseg.models.cascade import compose
 from medseg.module import SegmentationModule
 from medseg.reports import write_case_csv
-from medseg.utils.io import atomic_save_nifti
+from medseg.utils.failures import case_failure
+from medseg.utils.io import atomic_save_niftis
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,11 @@ def find_input_cases(path: str | Path) -> list[Case]:
     if not grouped:
         raise DataError(f"input: no NIfTI images (.nii, .nii.gz) or DICOM series in {path}")
     return [Case(case_id, tuple(files)) for case_id, files in grouped.items()]
+
+
+def input_files(case: Case) -> str:
+    """The image file(s) of a case as its error messages name them."""
+    return ", ".join(str(p) for p in case.images)
 
 
 def _holds_dicom_series(path: Path) -> bool:
@@ -291,7 +297,7 @@ class Predictor:
 
     def _load(self, case: Case) -> tio.Subject:
         subject = case_to_subject(case)
-        files = ", ".join(str(p) for p in case.images)
+        files = input_files(case)
         try:
             with warnings.catch_warnings():
                 # TorchIO warns before falling back from SimpleITK to nibabel; the error says it
@@ -324,25 +330,20 @@ def write_prediction(
     """Write ``<case>.nii.gz`` (and ``probabilities/``, ``entropy/`` maps, and with
     `save_stage_masks` each cascade stage's foreground as ``stages/<stage>/<case>.nii.gz``,
     the layout ``stage.training_masks.source=predictions`` reads) with the header and affine
-    of the input file, atomically. Returns the label map's path. (Case-level task outputs go
-    to one table for all cases: see :func:`predict_cases`.)"""
+    of the input file, atomically and all or none. Returns the label map's path. (Case-level
+    task outputs go to one table for all cases: see :func:`predict_cases`.)"""
     output_dir = Path(output_dir)
     path = output_dir / f"{prediction.case_id}.nii.gz"
-    atomic_save_nifti(_like(prediction.reference, prediction.labels), path)
+    outputs = {path: prediction.labels}
     if save_stage_masks:
         for stage, mask in prediction.stage_masks.items():
-            atomic_save_nifti(
-                _like(prediction.reference, mask), output_dir / "stages" / stage / path.name
-            )
+            outputs[output_dir / "stages" / stage / path.name] = mask
     if save_probabilities:
-        atomic_save_nifti(
-            _like(prediction.reference, prediction.probabilities),
-            output_dir / "probabilities" / path.name,
-        )
+        outputs[output_dir / "probabilities" / path.name] = prediction.probabilities
     if prediction.entropy is not None:
-        atomic_save_nifti(
-            _like(prediction.reference, prediction.entropy), output_dir / "entropy" / path.name
-        )
+        outputs[output_dir / "entropy" / path.name] = prediction.entropy
+    # all or none: a case whose last map cannot be written leaves no label map behind either
+    atomic_save_niftis({p: _like(prediction.reference, data) for p, data in outputs.items()})
     return path
 
 
@@ -364,7 +365,8 @@ def predict_cases(
     progress: bool = True,
     save_stage_masks: bool = False,
 ) -> PredictionRun:
-    """Predict and write every case; a case that fails is reported and the others go on.
+    """Predict and write every case; a case that fails (whatever it raises, see
+    :func:`medseg.utils.failures.case_failure`) is reported and the others go on.
 
     A model with case-level tasks (classification, regression) also gets
     ``case_predictions.csv``: one row per predicted case (``case_id`` and the columns of
@@ -381,16 +383,17 @@ def predict_cases(
             bar.update(task, description=f"predicting {case.case_id}")
             try:
                 prediction = predictor.predict(case)
-            except DataError as error:
-                log.error("%s", error)
-                run.failures.append(str(error))
+                if segments:
+                    written = write_prediction(
+                        prediction, output_dir, save_probabilities, save_stage_masks
+                    )
+            except Exception as error:
+                run.failures.append(case_failure(error, input_files(case), "predicted"))
             else:
                 run.predicted.append(case.case_id)
                 if segments:
-                    run.written[case.case_id] = write_prediction(
-                        prediction, output_dir, save_probabilities, save_stage_masks
-                    )
-                    log.info("%s -> %s", case.case_id, run.written[case.case_id])
+                    run.written[case.case_id] = written
+                    log.info("%s -> %s", case.case_id, written)
                 if prediction.tasks:
                     task_rows.append({"case_id": case.case_id, **prediction.tasks})
             bar.advance(task)

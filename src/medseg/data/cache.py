@@ -54,6 +54,7 @@ from medseg.data.zarr_store import (
     zarr_case_arrays,
 )
 from medseg.errors import ConfigError, DataError
+from medseg.utils.failures import case_failure
 from medseg.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -90,12 +91,17 @@ def cache_location(cache_dir: str | Path, dataset: DatasetInfo, settings: Mappin
     return Path(cache_dir).expanduser().resolve() / f"{dataset.root.name}-{key}"
 
 
+def case_files(case: Case) -> list[Path]:
+    """Every file (or DICOM/Zarr folder) a case is read from: images, label, merged masks."""
+    label = [case.label] if case.label is not None else []
+    return [*case.images, *label, *(path for _, path in case.label_masks)]
+
+
 def source_signature(case: Case) -> list[list]:
     """(path, size, modification time) of every file the case is read from, and the label
     value each merged mask contributes."""
-    paths = [*case.images, *([case.label] if case.label is not None else [])]
     masks = [[value, str(path)] for value, path in case.label_masks]
-    return file_signature([*paths, *(path for _, path in case.label_masks)]) + masks
+    return file_signature(case_files(case)) + masks
 
 
 def file_signature(paths: Sequence[Path]) -> list[list]:
@@ -311,8 +317,9 @@ def prepare_cache(
     """Prepare every case that is missing or stale; return the cache folder.
 
     Cases that need preparing are validated first (one error lists every bad case); a case
-    that fails while being read (see :func:`prepare_case`; ``limit`` bounds resampling) is
-    reported with the others after the rest are written.
+    that fails while being read, preprocessed (see :func:`prepare_case`; ``limit`` bounds
+    resampling) or written, whatever it raises, leaves no entry and is reported with the
+    others after the rest are written.
     """
     root = cache_location(cache_dir, dataset, settings)
     stale = []
@@ -331,10 +338,10 @@ def prepare_cache(
         log.info("preparing %s (%d/%d) into %s", case_id, number, len(stale), root)
         try:
             record = prepare_case(case, dataset, settings, limit)
-        except DataError as error:
-            problems.append(str(error))
-            continue
-        _write_record(root / case_id, case, record, signatures[case_id])
+            _write_record(root / case_id, case, record, signatures[case_id])
+        except Exception as error:  # whatever one case raises, the others are prepared
+            files = ", ".join(str(p) for p in case_files(case))
+            problems.append(case_failure(error, f"{case_id}: {files}", "prepared"))
     if problems:
         raise CaseValidationError(dataset.root, problems, len(dataset.cases))
     write_fingerprint(root, dataset)

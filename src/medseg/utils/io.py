@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -43,19 +43,27 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode())
 
 
-def atomic_save_nifti(image: nib.Nifti1Image, path: str | Path) -> Path:
-    """Save a NIfTI image to a temporary file in the same folder, then rename it over `path`.
+def atomic_save_niftis(images: Mapping[Path, nib.Nifti1Image]) -> None:
+    """Save several NIfTI images (path -> image) all or none.
 
-    The temporary name keeps the `.nii`/`.nii.gz` ending so nibabel picks the same format.
+    Each is saved to a temporary file beside its path (the name keeps the `.nii`/`.nii.gz`
+    ending so nibabel picks the same format); only when every one is saved are they renamed
+    into place. If anything fails (a full disk, a crash, a kill), none of them remains.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ending = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp{ending}")
+    staged: list[tuple[Path, Path]] = []
+    placed: list[Path] = []
     try:
-        nib.save(image, tmp)
-        tmp.replace(path)
+        for path, image in images.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            ending = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+            staged.append((path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp{ending}"), path))
+            nib.save(image, staged[-1][0])
+        for tmp, path in staged:
+            tmp.replace(path)
+            placed.append(path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        for path in placed:
+            path.unlink(missing_ok=True)
         raise
-    return path

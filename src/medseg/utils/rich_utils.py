@@ -1,4 +1,4 @@
-"""Rich console output: the composed config as a tree, metric tables."""
+"""Rich console output: the composed config as a tree, metric tables, error messages."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import rich
+import rich.markup
 import rich.syntax
 import rich.table
 import rich.tree
@@ -29,6 +30,14 @@ def print_config_tree(cfg: DictConfig, resolve: bool = True) -> None:
         )
         branch.add(rich.syntax.Syntax(text, "yaml", theme="ansi_dark", background_color="default"))
     rich.print(tree)
+
+
+def print_error(message: str) -> None:
+    """A user error as the entry points print it: ``error: <message>``."""
+    # soft_wrap: one line however long (the terminal wraps it; a captured log stays greppable)
+    rich.get_console().print(
+        f"[bold red]error:[/bold red] {rich.markup.escape(message)}", soft_wrap=True
+    )
 
 
 def _format(value: float) -> str:
