@@ -1,5 +1,6 @@
 """The preprocessing cache: keyed reuse, patch reads, sampling parity, atomic writes, prepare."""
 
+import errno
 import json
 import os
 import pickle
@@ -20,7 +21,7 @@ from medseg.data.fingerprint import override_line, suggest
 from medseg.data.preprocess import build_preprocessing, preprocess_settings
 from medseg.data.subjects import case_to_subject
 from medseg.data.zarr_store import RawChunkVolume
-from medseg.errors import DataError
+from medseg.errors import DataError, ResourceError
 
 from .conftest import TINY_PHANTOM, compose_config, run_script, tiny_datamodule
 
@@ -185,10 +186,11 @@ def test_a_write_that_fails_midway_leaves_nothing_behind(phantom_root, tmp_path,
     dataset = discover_cases(phantom_root)
 
     def broken(group, index):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(cache, "write_index", broken)
-    with pytest.raises(OSError, match="disk full"):
+    # a full disk stops the run at the first case (it would fail every other case too)
+    with pytest.raises(ResourceError, match=r"phantom_000: .* ran out of disk space"):
         prepare_cache(dataset, preprocess_settings({"intensity": CT}), tmp_path)
     root = next(tmp_path.iterdir())
     assert sorted(p.name for p in root.iterdir()) == ["zarr.json"]
