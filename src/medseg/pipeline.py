@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -162,9 +162,9 @@ def test_modules(
     stage_dice: dict[str, float] = {}
     if len(cascade.stages) > 1:  # each stage's own classes, regrouped from the composed map
         rows = {row["case_id"]: row for row in evaluation.rows}
+        scored_pairs = [pair for pair in pairs if pair.case_id in rows]
         for stage in (s for s in cascade.stages if s.classes):
             names = ["background", *stage.classes]
-            scored_pairs = [pair for pair in pairs if pair.case_id in rows]
             scored = score_pairs(scored_pairs, names, cascade.stage_values(stage), tolerance)
             for stage_row in scored.rows:
                 rows[stage_row["case_id"]] |= {
@@ -297,7 +297,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 
 def _valid_cases(
-    dataset: DatasetInfo, settings: dict, case_ids: Sequence[str]
+    dataset: DatasetInfo, settings: Mapping, case_ids: Sequence[str]
 ) -> tuple[list[Case], list[str]]:
     """The cases that pass validation, and one line (its problems) per case that does not:
     an invalid test case is listed, the others are still scored."""

@@ -47,9 +47,11 @@ def case_failure(error: Exception, files: str, action: str) -> str:
 def raise_failures(failures: Sequence[str], total: int, what: str, others: str) -> None:
     """End a run in which cases failed: one DataError listing every failure, e.g.
     ``2 of 5 input(s) could not be predicted (the others were written to out/):``."""
-    if failures:
-        lines = "\n".join(f"  - {failure}" for failure in failures)
-        raise DataError(f"{len(failures)} of {total} {what} (the others {others}):\n{lines}")
+    if not failures:
+        return
+    lines = "\n".join(f"  - {failure}" for failure in failures)
+    where = f" (the others {others})" if len(failures) < total else ""
+    raise DataError(f"{len(failures)} of {total} {what}{where}:\n{lines}")
 
 
 def _is_exhausted(error: Exception) -> bool:
