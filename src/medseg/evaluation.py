@@ -125,8 +125,7 @@ def score_pairs(
     """
     lut = class_lut(value_to_class)
     class_names = list(class_names)
-    confusion = np.zeros((len(class_names),) * 2, dtype=np.int64)
-    evaluation = Evaluation([], confusion, class_names)
+    evaluation = Evaluation([], np.zeros((len(class_names),) * 2, dtype=np.int64), class_names)
     for pair in pairs:
         try:
             row, pair_confusion = _score_pair(pair, lut, class_names, tolerance_mm)
@@ -135,7 +134,7 @@ def score_pairs(
             evaluation.failures.append(case_failure(error, files, "scored"))
         else:
             evaluation.rows.append(row)
-            confusion += pair_confusion
+            evaluation.confusion += pair_confusion
     return evaluation
 
 
