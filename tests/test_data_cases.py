@@ -102,7 +102,11 @@ def test_validation_names_every_bad_file(tmp_path):
     assert len(problems) == 3
     assert str(bad_shape.resolve()) in problems[0] and "shape (8, 8, 5)" in problems[0]
     assert str(bad_value.resolve()) in problems[1] and "label values [7]" in problems[1]
-    assert str(bad_affine.resolve()) in problems[2] and "affine differs" in problems[2]
+    assert str(bad_affine.resolve()) in problems[2]
+    assert (
+        "label grid differs from the image (case_004.nii.gz): a translation of 10 mm"
+        in (problems[2])
+    )
     assert "3 problem(s) in 5 case(s)" in str(caught.value)
 
 

@@ -17,8 +17,9 @@ import nibabel as nib
 import numpy as np
 
 from medseg import plots
-from medseg.data.cases import affines_match, group_case_files
-from medseg.data.subjects import open_as_nifti
+from medseg.data.alignment import grid_difference, reorient_to_grid
+from medseg.data.cases import group_case_files
+from medseg.data.image_io import open_as_nifti
 from medseg.errors import DataError
 from medseg.metrics import METRICS, case_metrics
 from medseg.reports import summarize, write_case_csv, write_summary_json
@@ -110,8 +111,9 @@ def score_pairs(
     class_names: Sequence[str],
     value_to_class: Mapping[int, int],
     tolerance_mm: float = 2.0,
+    reorient_labels: bool = False,
 ) -> Evaluation:
-    """Score every pair on the reference's voxel grid, in mm.
+    """Score every pair on the prediction's voxel grid (the reference's), in mm.
 
     A pair that cannot be scored (a file that cannot be read, NaN or non-integer values,
     values outside the label map, different grids, anything else it raises) is listed in
@@ -122,13 +124,15 @@ def score_pairs(
         class_names: names of the classes scored, background first.
         value_to_class: every dataset label value -> its class index.
         tolerance_mm: NSD tolerance.
+        reorient_labels: a reference (or merged mask) on the prediction's grid with flipped
+            or permuted axes is reoriented onto it (else it is an error saying so).
     """
     lut = class_lut(value_to_class)
     class_names = list(class_names)
     evaluation = Evaluation([], np.zeros((len(class_names),) * 2, dtype=np.int64), class_names)
     for pair in pairs:
         try:
-            row, pair_confusion = _score_pair(pair, lut, class_names, tolerance_mm)
+            row, pair_confusion = _score_pair(pair, lut, class_names, tolerance_mm, reorient_labels)
         except Exception as error:
             files = f"{pair.prediction} (reference {pair.reference})"
             evaluation.failures.append(case_failure(error, files, "scored"))
@@ -139,24 +143,22 @@ def score_pairs(
 
 
 def _score_pair(
-    pair: ScoringPair, lut: np.ndarray, class_names: list[str], tolerance_mm: float
+    pair: ScoringPair,
+    lut: np.ndarray,
+    class_names: list[str],
+    tolerance_mm: float,
+    reorient_labels: bool,
 ) -> tuple[dict, np.ndarray]:
     """The metrics row of one pair and its voxel confusion matrix."""
-    reference, ref_image = _read_labels(pair.reference, "reference")
+    prediction, pred_image = _read_labels(pair.prediction, "prediction")
+    grid = (pair.prediction, pred_image)
+    reference = _on_grid(pair.reference, "reference", grid, reorient_labels)
     for value, mask_path in pair.label_masks:  # as the training data merges them
-        mask, _ = _read_labels(mask_path, "merged mask")
+        mask = _on_grid(mask_path, "merged mask", grid, reorient_labels)
         reference = np.where((reference == 0) & (mask != 0), value, reference)
     reference = _to_classes(reference, lut, pair.reference, "reference")
-    prediction, pred_image = _read_labels(pair.prediction, "prediction")
     prediction = _to_classes(prediction, lut, pair.prediction, "prediction")
-    if prediction.shape != reference.shape or not affines_match(
-        pred_image.affine, ref_image.affine
-    ):
-        raise DataError(
-            f"{pair.prediction}: prediction grid (shape {prediction.shape}) differs from "
-            f"the reference {pair.reference} (shape {reference.shape}) or its affine"
-        )
-    spacing = nib.affines.voxel_sizes(ref_image.affine)
+    spacing = nib.affines.voxel_sizes(pred_image.affine)
     row = {"case_id": pair.case_id}
     row |= case_metrics(prediction, reference, class_names, spacing, tolerance_mm)
     size = len(class_names)
@@ -164,10 +166,38 @@ def _score_pair(
     return row, np.bincount(flat, minlength=size * size).reshape(size, size)
 
 
+def _on_grid(
+    path: Path, what: str, grid: tuple[Path, nib.Nifti1Image], reorient: bool
+) -> np.ndarray:
+    """A reference label map's data on the voxel grid of the prediction (file, image).
+
+    Raises:
+        DataError: naming both files and how their grids differ (with the option to set
+            when they hold the same voxel centres with flipped or permuted axes).
+    """
+    data, image = _read_labels(path, what)
+    prediction_path, prediction = grid
+    shape = prediction.shape[:3]
+    difference = grid_difference(data.shape, image.affine, shape, prediction.affine)
+    if difference is None:
+        return data
+    if difference.same_world_grid and reorient:
+        return reorient_to_grid(data, image.affine, shape, prediction.affine)
+    hint = (
+        ": set evaluation.reorient_labels=true to reorient it onto the prediction grid"
+        if difference.same_world_grid
+        else ""
+    )
+    raise DataError(
+        f"{path}: {what} grid differs from the prediction {prediction_path}: {difference}{hint}"
+    )
+
+
 def pair_folders(
     prediction_dir: str | Path, label_dir: str | Path, image_dir: str | Path | None = None
 ) -> list[ScoringPair]:
-    """Match ``<case>.nii.gz`` predictions to labels (and images) by case id.
+    """Match ``<case>.<ending>`` predictions to labels (and images) by case id (any image
+    format of :mod:`medseg.data.formats`).
 
     Every label needs a prediction; predictions without a label are ignored with a warning.
     """
@@ -179,7 +209,7 @@ def pair_folders(
     references = _single_files(label_dir)
     images = group_case_files(Path(image_dir).iterdir()) if image_dir else {}
     if not references:
-        raise DataError(f"label_dir: no NIfTI label maps in {label_dir}")
+        raise DataError(f"label_dir: no label maps in {label_dir} (NIfTI, NRRD, MetaImage)")
     missing = sorted(set(references) - set(predictions))
     if missing:
         raise DataError(

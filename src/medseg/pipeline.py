@@ -26,6 +26,8 @@ from medseg.data.cache import FINGERPRINT_FILE, cache_size_bytes, validate_datas
 from medseg.data.cases import Case, CaseValidationError, DatasetInfo, parse_labels
 from medseg.data.datamodule import SegmentationDataModule
 from medseg.data.fingerprint import override_line, suggest
+from medseg.data.formats import check_output_format
+from medseg.data.image_io import DEFAULT_READING, ReadOptions
 from medseg.errors import ConfigError, DataError
 from medseg.evaluation import Evaluation, ScoringPair, pair_folders, score_pairs, write_reports
 from medseg.module import SegmentationModule, build_module
@@ -149,7 +151,9 @@ def test_modules(
         summary |= {"cases": [r["case_id"] for r in rows], "failures": list(failures)}
         write_summary_json(summary, output_dir / "test_summary.json")
         return task_metrics, list(failures)
-    predictor = Predictor(modules, **OmegaConf.to_container(cfg.prediction, resolve=True))
+    reading = datamodule.dataset.reading if datamodule is not None else DEFAULT_READING
+    settings = OmegaConf.to_container(cfg.prediction, resolve=True)
+    predictor = Predictor(modules, **settings, reading=reading)
     run = predict_cases(predictor, cases, output_dir / "predictions")
     pairs = [
         ScoringPair(c.case_id, run.written[c.case_id], c.label, c.images[0], c.label_masks)
@@ -157,7 +161,10 @@ def test_modules(
         if c.case_id in run.written
     ]
     tolerance = cfg.evaluation.nsd_tolerance_mm
-    evaluation = score_pairs(pairs, cascade.class_names, cascade.composed_values(), tolerance)
+    reorient = bool(cfg.evaluation.reorient_labels)
+    evaluation = score_pairs(
+        pairs, cascade.class_names, cascade.composed_values(), tolerance, reorient
+    )
     evaluation.failures[:0] = [*failures, *run.failures]
     stage_dice: dict[str, float] = {}
     if len(cascade.stages) > 1:  # each stage's own classes, regrouped from the composed map
@@ -165,7 +172,9 @@ def test_modules(
         scored_pairs = [pair for pair in pairs if pair.case_id in rows]
         for stage in (s for s in cascade.stages if s.classes):
             names = ["background", *stage.classes]
-            scored = score_pairs(scored_pairs, names, cascade.stage_values(stage), tolerance)
+            scored = score_pairs(
+                scored_pairs, names, cascade.stage_values(stage), tolerance, reorient
+            )
             for stage_row in scored.rows:
                 rows[stage_row["case_id"]] |= {
                     f"{stage.name}/{k}": v for k, v in stage_row.items() if "dice_" in k
@@ -323,6 +332,7 @@ def _evaluate_folders(cfg: DictConfig) -> dict[str, float]:
         list(labels.values()),
         {value: index for index, value in enumerate(labels)},
         cfg.evaluation.nsd_tolerance_mm,
+        bool(cfg.evaluation.reorient_labels),
     )
     details = {
         "predictions": str(cfg.pred_dir),
@@ -362,8 +372,11 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     paths = _checkpoint_paths(cfg.ckpt_path)
     if not paths:
         raise ConfigError("ckpt_path: a checkpoint (or a list of them) is needed")
+    check_output_format(cfg.output_format)
+    reading = ReadOptions(nonuniform_slices=cfg.dicom.nonuniform_slices, config_prefix="")
     modules = [load_checkpoint(p) for p in paths]
-    predictor = Predictor(modules, **OmegaConf.to_container(cfg.prediction, resolve=True))
+    settings = OmegaConf.to_container(cfg.prediction, resolve=True)
+    predictor = Predictor(modules, **settings, reading=reading)
     cases = find_input_cases(cfg.input)
     output = Path(cfg.output).expanduser()
     run = predict_cases(
@@ -372,6 +385,7 @@ def predict(cfg: DictConfig) -> dict[str, float]:
         output,
         save_probabilities=cfg.save_probabilities,
         save_stage_masks=cfg.save_stage_masks,
+        output_format=cfg.output_format,
     )
     log.info("predicted %d of %d case(s) into %s", len(run.predicted), len(cases), output)
     raise_failures(

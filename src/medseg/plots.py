@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
-from medseg.data.subjects import open_as_nifti
+from medseg.data.image_io import open_as_nifti
 from medseg.utils.io import atomic_write_bytes
 
 # Label value v > 0 is drawn in colour (v - 1) % 10 of matplotlib's tab10.

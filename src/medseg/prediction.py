@@ -1,4 +1,4 @@
-"""Predict whole cases in their original geometry and write them as NIfTI.
+"""Predict whole cases in their original geometry and write them in the input's format.
 
 A case is read as it is on disk, prepared with the preprocessing stored in the checkpoint
 (non-finite voxels, reorientation, resampling, intensity) and predicted stage by stage by
@@ -7,7 +7,9 @@ back onto the input's own voxel grid and the cascade decides there (thresholds, 
 inside its organ), so the written label map has the input's shape, spacing, orientation and
 affine, and overlays it exactly in a viewer. That holds for a volume thinner than
 resampling needs (a single slice saved as 3D) too: it is padded by repeating its edge voxels
-for the network, and the prediction is resampled back onto its one slice.
+for the network, and the prediction is resampled back onto its one slice. NRRD and MetaImage
+inputs get predictions in their own format with their exact origin, spacing and direction
+(or NIfTI, as configured); DICOM series get NIfTI.
 """
 
 from __future__ import annotations
@@ -18,30 +20,30 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
-import SimpleITK as sitk  # noqa: N813 (the conventional name)
 import torch
 import torch.nn.functional as F
 import torchio as tio
 from rich.progress import Progress
 
 from medseg.checkpoints import load_module
-from medseg.data.cases import NIFTI_SUFFIXES, Case, group_case_files
+from medseg.data.cases import Case, group_case_files, skipped_files
+from medseg.data.dicom import holds_dicom_series
+from medseg.data.formats import format_of, output_ending, supported_formats
 from medseg.data.geometry import (
     DEFAULT_MAX_RESAMPLE_GROWTH,
     ResampleLimit,
     warn_implausible_spacing,
 )
+from medseg.data.image_io import DEFAULT_READING, ReadOptions, save_like
 from medseg.data.preprocess import build_preprocessing, image_source, preprocess_settings
-from medseg.data.subjects import case_to_subject, open_as_nifti
+from medseg.data.subjects import case_to_subject
 from medseg.errors import ConfigError, DataError
 from medseg.inference import predict_cascade_averaged
 from medseg.models.cascade import compose
 from medseg.module import SegmentationModule
 from medseg.reports import write_case_csv
 from medseg.utils.failures import case_failure
-from medseg.utils.io import atomic_save_niftis
 
 log = logging.getLogger(__name__)
 
@@ -61,36 +63,37 @@ def load_checkpoint(
 
 
 def find_input_cases(path: str | Path) -> list[Case]:
-    """The cases of an image (a NIfTI file or a DICOM series folder) or of a folder of them
-    (``<case>_NNNN`` files are channels; a subfolder is a DICOM series)."""
+    """The cases of an image (a file of a format medseg reads, or a DICOM series folder) or
+    of a folder of them (``<case>_NNNN`` files are channels; a subfolder is a DICOM series;
+    other files are skipped with a warning).
+
+    Raises:
+        DataError: the path does not exist, is a file of an unknown format, or is a folder
+            holding no image.
+    """
     path = Path(path).expanduser()
     if path.is_file():
+        format_of(path)  # an unknown format is an error, not zero cases
         return [Case(case_id, tuple(files)) for case_id, files in group_case_files([path]).items()]
     if not path.is_dir():
         raise DataError(f"input: {path} does not exist")
-    if _holds_dicom_series(path):
+    if holds_dicom_series(path):
         return [Case(path.name, (path,))]
-    entries = [p for p in path.iterdir() if p.is_file() or _holds_dicom_series(p)]
+    entries = [p for p in path.iterdir() if p.is_file() or holds_dicom_series(p)]
     grouped = group_case_files(entries)
-    skipped = sorted(
-        p.name
-        for p in entries
-        if p.is_file() and not p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith(".")
-    )
+    skipped = skipped_files(entries)
     if skipped:
-        log.warning("input: skipping %d non-NIfTI file(s) in %s: %s", len(skipped), path, skipped)
+        log.warning(
+            "input: skipping %d file(s) of no image format in %s: %s", len(skipped), path, skipped
+        )
     if not grouped:
-        raise DataError(f"input: no NIfTI images (.nii, .nii.gz) or DICOM series in {path}")
+        raise DataError(f"input: no images in {path} (medseg reads {supported_formats()})")
     return [Case(case_id, tuple(files)) for case_id, files in grouped.items()]
 
 
 def input_files(case: Case) -> str:
     """The image file(s) of a case as its error messages name them."""
     return ", ".join(str(p) for p in case.images)
-
-
-def _holds_dicom_series(path: Path) -> bool:
-    return path.is_dir() and bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
 
 
 def resample_to_grid(
@@ -147,7 +150,8 @@ class CasePrediction:
     """One case predicted on its original voxel grid (arrays in the input file's voxel order)."""
 
     case_id: str
-    reference: Path  # the input file whose header and affine the outputs carry
+    reference: Path  # the input file whose header and geometry the outputs carry
+    affine: np.ndarray  # RAS affine of the input's grid, as it was read
     labels: np.ndarray  # dataset label values
     probabilities: np.ndarray  # float32 [*spatial, K]
     entropy: np.ndarray | None = None  # float32 [*spatial], nats; with MC dropout
@@ -183,6 +187,7 @@ class Predictor:
             policy (a value alone replaces its value).
         max_resample_growth: an input whose resampling to the checkpoint's spacing would
             multiply its voxels by more than this is refused.
+        reading: how input files are read (DICOM series with uneven slice positions).
     """
 
     def __init__(
@@ -197,6 +202,7 @@ class Predictor:
         nonfinite: str | None = None,
         nonfinite_value: float | None = None,
         max_resample_growth: float = DEFAULT_MAX_RESAMPLE_GROWTH,
+        reading: ReadOptions = DEFAULT_READING,
     ):
         if not modules:
             raise ConfigError("ckpt_path: at least one checkpoint is needed")
@@ -236,6 +242,7 @@ class Predictor:
             pad_thin_axes=True,
         )
         self.label_values = output_label_values(modules[0])
+        self.reading = reading
 
     def predict(self, case: Case) -> CasePrediction:
         """Predict one case; raises DataError naming the file when it cannot be used."""
@@ -267,6 +274,7 @@ class Predictor:
         return CasePrediction(
             case_id=case.case_id,
             reference=case.images[0],
+            affine=np.asarray(original.affine),
             labels=labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.int16),
             probabilities=np.moveaxis(probabilities.cpu().numpy(), 0, -1).astype(np.float32),
             entropy=entropy,
@@ -296,13 +304,15 @@ class Predictor:
         return columns
 
     def _load(self, case: Case) -> tio.Subject:
-        subject = case_to_subject(case)
+        subject = case_to_subject(case, options=self.reading)
         files = input_files(case)
         try:
             with warnings.catch_warnings():
                 # TorchIO warns before falling back from SimpleITK to nibabel; the error says it
                 warnings.simplefilter("ignore", UserWarning)
                 subject.load()
+        except DataError:  # the reader's own message names the file
+            raise
         except Exception as error:  # SimpleITK and nibabel raise many types for bad files
             raise DataError(
                 f"{files}: cannot be read as an image ({type(error).__name__}: {error})"
@@ -326,14 +336,17 @@ def write_prediction(
     output_dir: str | Path,
     save_probabilities: bool = False,
     save_stage_masks: bool = False,
+    output_format: str = "input",
 ) -> Path:
-    """Write ``<case>.nii.gz`` (and ``probabilities/``, ``entropy/`` maps, and with
-    `save_stage_masks` each cascade stage's foreground as ``stages/<stage>/<case>.nii.gz``,
-    the layout ``stage.training_masks.source=predictions`` reads) with the header and affine
-    of the input file, atomically and all or none. Returns the label map's path. (Case-level
-    task outputs go to one table for all cases: see :func:`predict_cases`.)"""
+    """Write ``<case>.<ending>`` (and ``probabilities/``, ``entropy/`` maps, and with
+    `save_stage_masks` each cascade stage's foreground as ``stages/<stage>/<case>.<ending>``,
+    the layout ``stage.training_masks.source=predictions`` reads) with the header and geometry
+    of the input file, atomically and all or none, in the input's format or NIfTI
+    (`output_format`, see :func:`medseg.data.formats.output_ending`). Returns the label map's
+    path. (Case-level task outputs go to one table for all cases: see :func:`predict_cases`.)"""
     output_dir = Path(output_dir)
-    path = output_dir / f"{prediction.case_id}.nii.gz"
+    ending = output_ending(prediction.reference, output_format)
+    path = output_dir / f"{prediction.case_id}{ending}"
     outputs = {path: prediction.labels}
     if save_stage_masks:
         for stage, mask in prediction.stage_masks.items():
@@ -343,18 +356,8 @@ def write_prediction(
     if prediction.entropy is not None:
         outputs[output_dir / "entropy" / path.name] = prediction.entropy
     # all or none: a case whose last map cannot be written leaves no label map behind either
-    atomic_save_niftis({p: _like(prediction.reference, data) for p, data in outputs.items()})
+    save_like(prediction.reference, prediction.affine, outputs)
     return path
-
-
-def _like(reference: Path, data: np.ndarray) -> nib.Nifti1Image:
-    """`data` with the reference file's affine and header (its own dtype, shape, no scaling)."""
-    source = open_as_nifti(reference)
-    image = type(source)(data, source.affine, source.header.copy())
-    image.set_data_dtype(data.dtype)
-    image.header.set_slope_inter(1, 0)
-    image.header["cal_min"] = image.header["cal_max"] = 0
-    return image
 
 
 def predict_cases(
@@ -364,6 +367,7 @@ def predict_cases(
     save_probabilities: bool = False,
     progress: bool = True,
     save_stage_masks: bool = False,
+    output_format: str = "input",
 ) -> PredictionRun:
     """Predict and write every case; a case that fails (whatever it raises, see
     :func:`medseg.utils.failures.case_failure`) is reported and the others go on.
@@ -385,7 +389,7 @@ def predict_cases(
                 prediction = predictor.predict(case)
                 if segments:
                     written = write_prediction(
-                        prediction, output_dir, save_probabilities, save_stage_masks
+                        prediction, output_dir, save_probabilities, save_stage_masks, output_format
                     )
             except Exception as error:
                 run.failures.append(case_failure(error, input_files(case), "predicted"))

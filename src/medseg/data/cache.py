@@ -7,11 +7,12 @@ of them prepares a new cache, never reusing a stale one. Inside, each case is a 
 source files; a case whose files changed is prepared again. Preparing writes each case
 atomically, so an interrupted or failed run leaves only complete cases.
 
-NIfTI/DICOM cases are read whole, preprocessed with TorchIO (non-finite voxels, orientation,
-crop to the non-zero region, resampling, intensity normalization) and stored. Zarr datasets
-are read in place: the cache holds only what sampling needs (label locations, intensity
-statistics); their non-finite voxels are checked slab by slab while the statistics are
-gathered, and replaced on every read (``data.preprocess.nonfinite=replace``).
+Cases of image files and DICOM folders are read whole, preprocessed with TorchIO
+(non-finite voxels, orientation, crop to the non-zero region, resampling, intensity
+normalization) and stored. Zarr datasets are read in place: the cache holds only what sampling
+needs (label locations, intensity statistics); their non-finite voxels are checked slab by slab
+while the statistics are gathered, and replaced on every read
+(``data.preprocess.nonfinite=replace``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from medseg.data.cascade import prior_key
 from medseg.data.cases import Case, CaseValidationError, DatasetInfo, validate_cases
 from medseg.data.fingerprint import dataset_fingerprint
 from medseg.data.geometry import ResampleLimit
+from medseg.data.image_io import ReadOptions
 from medseg.data.nonfinite import NonFinitePolicy
 from medseg.data.prepared import PreparedCase
 from medseg.data.preprocess import (
@@ -42,7 +44,7 @@ from medseg.data.preprocess import (
     build_preprocessing,
 )
 from medseg.data.scan import LabelIndex, case_rng, foreground_intensities, scan_label, slabs
-from medseg.data.subjects import case_to_subject
+from medseg.data.subjects import case_to_subject, reorient_labels
 from medseg.data.zarr_store import (
     open_group,
     open_volume,
@@ -86,6 +88,7 @@ def cache_location(cache_dir: str | Path, dataset: DatasetInfo, settings: Mappin
         "labels": {str(k): v for k, v in dataset.labels.items()},
         "channels": list(dataset.channels),
         "preprocess": dict(settings),
+        "reading": dataset.reading.identity(),
     }
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     return Path(cache_dir).expanduser().resolve() / f"{dataset.root.name}-{key}"
@@ -147,23 +150,31 @@ def prepare_case(
 def _load(image: tio.Image, case: Case) -> None:
     try:
         image.load()
-    except Exception as error:  # truncated gzip, bad header, unreadable DICOM, ...
+    except DataError as error:  # the reader's own message names the file
+        raise DataError(f"{case.case_id}: {error}") from error
+    except Exception as error:  # truncated gzip, bad header, ...
         raise DataError(
             f"{case.case_id}: {image.path}: cannot be read ({type(error).__name__}: {error})"
         ) from error
 
 
-def _load_subject(case: Case, label_maps: Mapping[str, Path] | None = None) -> tio.Subject:
-    subject = case_to_subject(case, label_maps)
+def _load_subject(
+    case: Case, reading: ReadOptions, label_maps: Mapping[str, Path] | None = None
+) -> tio.Subject:
+    """The case's files read whole, label maps on a flipped image grid reoriented onto it
+    when `reading` says so."""
+    subject = case_to_subject(case, label_maps, reading)
     for image in subject.get_images(intensity_only=False):
         _load(image, case)
+    if reading.reorient_labels:
+        reorient_labels(subject)
     return subject
 
 
 def _preprocess_file_case(
     case: Case, dataset: DatasetInfo, settings: Mapping, limit: ResampleLimit | None
 ) -> CaseRecord:
-    subject = _load_subject(case)
+    subject = _load_subject(case, dataset.reading)
     source_affine = subject["image"].affine.copy()
     source_shape = list(subject.spatial_shape)
     # Merged masks first, so the fingerprint's foreground includes them; non-finite voxels
@@ -198,11 +209,16 @@ def _preprocess_file_case(
 
 
 def prepare_priors(
-    case: Case, settings: Mapping, paths: Mapping[str, Path], limit: ResampleLimit | None = None
+    case: Case,
+    dataset: DatasetInfo,
+    settings: Mapping,
+    paths: Mapping[str, Path],
+    limit: ResampleLimit | None = None,
 ) -> dict[str, np.ndarray]:
     """Masks of ``paths`` (stage -> file on the case's source grid) preprocessed as the case
     is (the same orientation, crop and resampling), as uint8 arrays on its training grid."""
-    subject = _load_subject(case, {prior_key(stage): path for stage, path in paths.items()})
+    priors = {prior_key(stage): path for stage, path in paths.items()}
+    subject = _load_subject(case, dataset.reading, priors)
     subject = build_preprocessing(**settings, resample_limit=limit)(subject)
     return {
         stage: (subject[prior_key(stage)].data[0].numpy() > 0).astype(np.uint8) for stage in paths

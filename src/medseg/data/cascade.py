@@ -21,6 +21,7 @@ import torch
 import torchio as tio
 from scipy import ndimage
 
+from medseg.data.formats import IMAGE_ENDINGS
 from medseg.errors import ConfigError, DataError
 
 PRIOR_PREFIX = "prior_"
@@ -111,17 +112,19 @@ class PerturbedStageMasks(tio.Transform):
 def prediction_mask_paths(
     folder: str | Path, stages: Sequence[str], case_ids: Sequence[str]
 ) -> dict[str, dict[str, Path]]:
-    """``<folder>/<stage>/<case_id>.nii.gz`` for every stage and case; one error lists gaps."""
+    """``<folder>/<stage>/<case_id>.nii.gz`` (or any image format: predict writes the input's)
+    for every stage and case; one error lists gaps."""
     folder = Path(folder).expanduser()
     paths: dict[str, dict[str, Path]] = {}
     missing = []
     for case_id in case_ids:
         paths[case_id] = {}
         for stage in stages:
-            path = folder / stage / f"{case_id}.nii.gz"
-            if not path.is_file():
-                missing.append(str(path))
-            paths[case_id][stage] = path
+            candidates = [folder / stage / f"{case_id}{e}" for e in IMAGE_ENDINGS]
+            path = next((p for p in candidates if p.is_file()), None)
+            if path is None:
+                missing.append(f"{folder / stage / case_id}.nii.gz")
+            paths[case_id][stage] = path or candidates[0]
     if missing:
         shown = "\n".join(f"  - {p}" for p in missing[:20])
         more = f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""

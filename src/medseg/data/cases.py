@@ -5,27 +5,36 @@ A case is an id, one or more image channels and an optional label map. Discovery
 and ``file_ending`` with an ``imagesTr``/``labelsTr`` scan) and otherwise scans
 ``imagesTr``/``labelsTr`` alone. A folder-per-case layout (as BraTS ships: one folder per
 case holding each modality and the label) is described by file-name patterns instead. An
-image channel is a NIfTI file or a folder holding one DICOM series (read by TorchIO through
-SimpleITK/GDCM); labels are NIfTI files. Validation opens every file before training starts
-and reports every bad case in one error.
+image channel or label is a file of any format of :mod:`medseg.data.formats` (NIfTI, NRRD,
+MetaImage) or a folder holding one DICOM series. Validation opens every file before
+training starts and reports every bad case in one error, saying how mismatched grids differ.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
-import torchio as tio
 
+from medseg.data.alignment import grid_difference
+from medseg.data.formats import IMAGE_ENDINGS, image_ending, strip_image_ending
 from medseg.data.geometry import warn_implausible_spacing
+from medseg.data.image_io import (
+    DEFAULT_READING,
+    ImageHeader,
+    ReadOptions,
+    read_header,
+    read_image,
+)
 from medseg.errors import DataError
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
+log = logging.getLogger(__name__)
+
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
@@ -44,8 +53,9 @@ class Case:
 class DatasetInfo:
     """The cases of a dataset with its declared label map and channel names.
 
-    ``storage`` is ``files`` (NIfTI files or DICOM folders) or ``zarr`` (a Zarr dataset, see
-    :mod:`medseg.data.zarr_store`; then case paths name Zarr arrays).
+    ``storage`` is ``files`` (image files or DICOM folders) or ``zarr`` (a Zarr dataset, see
+    :mod:`medseg.data.zarr_store`; then case paths name Zarr arrays). ``reading`` says how
+    the files are read (DICOM slice gaps, labels on a flipped grid).
     """
 
     root: Path
@@ -53,11 +63,12 @@ class DatasetInfo:
     labels: dict[int, str]  # label value -> class name, background included
     channels: tuple[str, ...]
     storage: str = "files"
+    reading: ReadOptions = DEFAULT_READING
 
     def subset(self, case_ids: Sequence[str]) -> DatasetInfo:
         wanted = set(case_ids)
         cases = tuple(c for c in self.cases if c.case_id in wanted)
-        return DatasetInfo(self.root, cases, self.labels, self.channels, self.storage)
+        return DatasetInfo(self.root, cases, self.labels, self.channels, self.storage, self.reading)
 
     def case(self, case_id: str) -> Case:
         for case in self.cases:
@@ -75,15 +86,11 @@ class CaseValidationError(DataError):
         super().__init__(f"{len(problems)} problem(s) in {num_cases} case(s) of {root}:\n{lines}")
 
 
-def strip_nifti_suffix(name: str) -> str:
-    for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def discover_cases(
-    root: str | Path, labels: Mapping | None = None, layout: Mapping | None = None
+    root: str | Path,
+    labels: Mapping | None = None,
+    layout: Mapping | None = None,
+    reading: ReadOptions = DEFAULT_READING,
 ) -> DatasetInfo:
     """Find the cases of a dataset folder.
 
@@ -94,13 +101,15 @@ def discover_cases(
         layout: None for MSD; for one folder per case: ``{channels: {name: pattern},
             label: pattern, merge_masks: {value: pattern}}`` with glob patterns matched
             inside each case folder (see :func:`_folder_cases`).
+        reading: how the files are read and checked (see :class:`ReadOptions`).
     """
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise DataError(f"data.root: dataset folder {root} does not exist")
     if layout is not None:
         cases, channels = _folder_cases(root, layout)
-        return DatasetInfo(root, cases, parse_labels(labels, root / "dataset.json"), channels)
+        label_map = parse_labels(labels, root / "dataset.json")
+        return DatasetInfo(root, cases, label_map, channels, reading=reading)
     meta_path = root / "dataset.json"
     meta: dict = {}
     if meta_path.is_file():
@@ -118,7 +127,7 @@ def discover_cases(
         raise DataError(f"{root}: no cases found (expected images in {root / 'imagesTr'})")
     if not channels:
         channels = tuple(f"channel_{i}" for i in range(max(len(c.images) for c in cases)))
-    return DatasetInfo(root, tuple(cases), label_map, channels)
+    return DatasetInfo(root, tuple(cases), label_map, channels, reading=reading)
 
 
 def parse_labels(labels: Mapping | None, meta_path: Path) -> dict[int, str]:
@@ -165,7 +174,7 @@ def _cases_from_training_list(root: Path, entries: list, meta_path: Path) -> lis
         if not isinstance(entry, dict) or "image" not in entry:
             raise DataError(f"{meta_path}: training entry {entry!r} has no 'image'")
         listed = (root / entry["image"]).resolve()
-        case_id = strip_nifti_suffix(listed.name)
+        case_id = strip_image_ending(listed.name)
         images = (listed,) if listed.exists() else _channel_files(listed.parent, case_id)
         label = (root / entry["label"]).resolve() if entry.get("label") else None
         # Keep a missing file in the case: validation reports it with the others.
@@ -174,10 +183,10 @@ def _cases_from_training_list(root: Path, entries: list, meta_path: Path) -> lis
 
 
 def _channel_files(folder: Path, case_id: str) -> tuple[Path, ...]:
-    """nnU-Net names channels <case>_0000.nii.gz, <case>_0001.nii.gz, ..."""
+    """nnU-Net names channels <case>_0000.nii.gz, <case>_0001.nii.gz, ... (any format)"""
     found = []
-    for suffix in NIFTI_SUFFIXES:
-        found += folder.glob(f"{glob_escape(case_id)}_[0-9][0-9][0-9][0-9]{suffix}")
+    for ending in IMAGE_ENDINGS:
+        found += folder.glob(f"{glob_escape(case_id)}_[0-9][0-9][0-9][0-9]{ending}")
     return tuple(sorted(found))
 
 
@@ -219,11 +228,11 @@ def _match(folder: Path, pattern: str) -> Path:
 
 
 def group_case_files(
-    paths: Iterable[Path], endings: Sequence[str] = NIFTI_SUFFIXES
+    paths: Iterable[Path], endings: Sequence[str] = IMAGE_ENDINGS
 ) -> dict[str, list[Path]]:
     """Image files by case id, sorted: nnU-Net's ``<case>_NNNN`` files are the channels of
     ``<case>``; any other name is a case of its own; a folder is a DICOM series. Hidden files
-    and other endings are left out.
+    and other endings are left out (see :func:`skipped_files`).
     """
     by_case: dict[str, list[Path]] = {}
     for path in sorted(paths):
@@ -241,27 +250,51 @@ def group_case_files(
     return dict(sorted(by_case.items()))
 
 
+def skipped_files(paths: Iterable[Path], endings: Sequence[str] = IMAGE_ENDINGS) -> list[str]:
+    """Names of the files :func:`group_case_files` leaves out for their ending."""
+    return sorted(
+        p.name
+        for p in paths
+        if p.is_file() and not p.name.startswith(".") and not p.name.endswith(tuple(endings))
+    )
+
+
 def _scan_cases(root: Path, file_ending: str | None) -> list[Case]:
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
     if not images_dir.is_dir():
         raise DataError(f"{root}: no imagesTr/ folder and no dataset.json training list")
-    endings = (file_ending,) if file_ending else NIFTI_SUFFIXES
-    cases = []
-    for case_id, images in group_case_files(images_dir.iterdir(), endings).items():
-        label = next(
-            (
-                labels_dir / f"{case_id}{e}"
-                for e in endings
-                if (labels_dir / f"{case_id}{e}").exists()
-            ),
-            None,
+    endings = (file_ending,) if file_ending else IMAGE_ENDINGS
+    entries = list(images_dir.iterdir())
+    skipped = skipped_files(entries, endings)
+    if skipped:
+        log.warning(
+            "%s: skipping %d file(s) that are not images (%s): %s",
+            images_dir,
+            len(skipped),
+            " ".join(endings),
+            skipped,
         )
-        cases.append(Case(case_id, tuple(images), label))
-    return cases
+    return [
+        Case(case_id, tuple(images), _label_file(labels_dir, case_id, endings))
+        for case_id, images in group_case_files(entries, endings).items()
+    ]
+
+
+def _label_file(folder: Path, case_id: str, endings: Sequence[str]) -> Path | None:
+    """The case's label in `folder`; a file of the case's name in an unreadable format is
+    kept for validation to report."""
+    found = [folder / f"{case_id}{e}" for e in endings if (folder / f"{case_id}{e}").exists()]
+    if not found:
+        found = [
+            p
+            for p in sorted(folder.glob(f"{glob_escape(case_id)}.*"))
+            if strip_image_ending(p.name) == case_id or image_ending(p.name) is None
+        ]
+    return found[0] if found else None
 
 
 def validate_cases(dataset: DatasetInfo, require_labels: bool = True) -> None:
-    """Open every file; check shapes, affines, channels and label values agree.
+    """Open every file; check grids, channels and label values agree.
 
     Raises:
         CaseValidationError: listing every problem found, one line each.
@@ -269,22 +302,21 @@ def validate_cases(dataset: DatasetInfo, require_labels: bool = True) -> None:
     problems: list[str] = []
     num_channels = len(dataset.channels)
     for case in dataset.cases:
-        problems += _case_problems(case, dataset.labels, num_channels, require_labels)
+        problems += _case_problems(case, dataset, num_channels, require_labels)
     if problems:
         raise CaseValidationError(dataset.root, problems, len(dataset.cases))
 
 
 def _case_problems(
-    case: Case, labels: dict[int, str], num_channels: int, require_labels: bool
+    case: Case, dataset: DatasetInfo, num_channels: int, require_labels: bool
 ) -> list[str]:
     problems: list[str] = []
     headers = []
     for path in case.images:
-        header, error = _open(path)
-        if error:
-            problems.append(f"{case.case_id}: {path}: {error}")
-        else:
-            headers.append((path, header))
+        try:
+            headers.append((path, read_header(path, dataset.reading)))
+        except DataError as error:
+            problems.append(f"{case.case_id}: {error}")
     if problems:
         return problems
     reference_path, reference = headers[0]
@@ -293,17 +325,15 @@ def _case_problems(
     channels = 0
     for path, image in headers:
         channels += image.shape[3] if len(image.shape) == 4 else 1
+        difference = grid_difference(image.shape, image.affine, spatial, reference.affine)
         if len(image.shape) not in (3, 4):
             problems.append(
                 f"{case.case_id}: {path}: expected a 3D or 4D image, got shape {image.shape}"
             )
-        elif image.shape[:3] != spatial:
+        elif difference is not None:
             problems.append(
-                f"{case.case_id}: {path}: shape {image.shape[:3]} differs from "
-                f"{reference_path.name} {spatial}"
+                f"{case.case_id}: {path}: grid differs from {reference_path.name}: {difference}"
             )
-        elif not affines_match(image.affine, reference.affine):
-            problems.append(f"{case.case_id}: {path}: affine differs from {reference_path.name}")
     if num_channels and channels != num_channels and not problems:
         problems.append(
             f"{case.case_id}: {reference_path}: has {channels} channel(s), the dataset declares "
@@ -313,93 +343,93 @@ def _case_problems(
         if require_labels:
             problems.append(f"{case.case_id}: no label file found for {reference_path}")
         return problems
-    label, error = _open(case.label)
-    if error:
-        return [*problems, f"{case.case_id}: {case.label}: {error}"]
-    if label.shape[:3] != spatial or (len(label.shape) == 4 and label.shape[3] != 1):
-        problems.append(
-            f"{case.case_id}: {case.label}: label shape {label.shape} differs from the "
-            f"image shape {spatial} ({reference_path.name})"
-        )
-    elif not affines_match(label.affine, reference.affine):
-        problems.append(
-            f"{case.case_id}: {case.label}: label affine differs from the image affine "
-            f"({reference_path.name})"
-        )
-    else:
-        problems += _label_value_problems(case, label, labels)
+    label_problem = _label_map_problem(
+        case, case.label, "label", dataset, reference_path, reference
+    )
+    if label_problem:
+        return [*problems, label_problem]
+    problems += _label_value_problems(case, dataset)
     for value, path in case.label_masks:
-        problems += _label_mask_problems(case, value, path, spatial, reference, labels)
+        problems += _label_mask_problems(case, value, path, dataset, reference_path, reference)
     return problems
 
 
-def _label_mask_problems(case: Case, value: int, path: Path, spatial, reference, labels) -> list:
-    if value not in labels:
+def _label_map_problem(
+    case: Case,
+    path: Path,
+    what: str,
+    dataset: DatasetInfo,
+    reference_path: Path,
+    reference: ImageHeader,
+) -> str | None:
+    """Why a label map (or merged mask) cannot be used with the image, or None.
+
+    A label map on the image's grid with flipped or permuted axes is accepted when
+    ``reading.reorient_labels`` is on (it is reoriented when read), else its line says so.
+    """
+    try:
+        header = read_header(path, dataset.reading)
+    except DataError as error:
+        return f"{case.case_id}: {error}"
+    if (len(header.shape) == 4 and header.shape[3] != 1) or len(header.shape) not in (3, 4):
+        return f"{case.case_id}: {path}: a {what} must be one 3D volume, got shape {header.shape}"
+    difference = grid_difference(header.shape, header.affine, reference.shape, reference.affine)
+    if difference is None or (difference.same_world_grid and dataset.reading.reorient_labels):
+        return None
+    line = f"{case.case_id}: {path}: {what} grid differs from the image ({reference_path.name}): "
+    if difference.same_world_grid:
+        return (
+            f"{line}{difference}: set {dataset.reading.reorient_key}=true to reorient the "
+            f"{what} onto the image grid"
+        )
+    return f"{line}{difference}"
+
+
+def _label_mask_problems(
+    case: Case,
+    value: int,
+    path: Path,
+    dataset: DatasetInfo,
+    reference_path: Path,
+    reference: ImageHeader,
+) -> list[str]:
+    if value not in dataset.labels:
         return [
             f"{case.case_id}: {path}: merges value {value}, which the label map does not declare"
         ]
-    mask, error = _open(path)
+    problem = _label_map_problem(case, path, "mask", dataset, reference_path, reference)
+    if problem:
+        return [problem]
+    values, error = _label_values(path, dataset)
     if error:
-        return [f"{case.case_id}: {path}: {error}"]
-    if mask.shape[:3] != spatial or not affines_match(mask.affine, reference.affine):
-        return [f"{case.case_id}: {path}: mask shape or affine differs from the image's"]
-    values = np.unique(np.asanyarray(mask.dataobj))
+        return [f"{case.case_id}: {error}"]
     if not set(values.tolist()) <= {0, 1}:
         return [f"{case.case_id}: {path}: a merged mask must be binary, has values {values[:10]}"]
     return []
 
 
-@dataclass(frozen=True)
-class _DicomHeader:
-    """What validation needs of a DICOM series, shaped like a nibabel image."""
-
-    shape: tuple[int, ...]
-    affine: np.ndarray
-
-
-def _open(path: Path) -> tuple[nib.spatialimages.SpatialImage | _DicomHeader | None, str | None]:
-    if not path.exists():
-        return None, "file does not exist"
-    if path.is_dir():
-        return _open_dicom(path)
+def _label_values(path: Path, dataset: DatasetInfo) -> tuple[np.ndarray, str | None]:
+    """The distinct values of a label file, read to its end (a truncated file is an error)."""
     try:
-        return nib.load(path), None
-    except Exception as error:  # nibabel raises many types for unreadable files
-        return None, f"cannot be opened as an image ({type(error).__name__}: {error})"
-
-
-def _open_dicom(folder: Path) -> tuple[_DicomHeader | None, str | None]:
-    """Read the series as training will (TorchIO's reader: RAS affine, [C, x, y, z] data)."""
-    try:
-        data, affine = tio.io.read_image(folder)
-    except Exception as error:  # SimpleITK/GDCM raise RuntimeError or FileNotFoundError
-        return None, f"cannot be read as a DICOM series ({type(error).__name__}: {error})"
-    channels, *spatial = data.shape
-    shape = tuple(spatial) if channels == 1 else (*spatial, channels)
-    return _DicomHeader(shape, np.asarray(affine)), None
-
-
-def _label_value_problems(case: Case, label, labels: dict[int, str]) -> list[str]:
-    try:
-        data = np.asanyarray(label.dataobj)
+        data, _ = read_image(path, dataset.reading)
+        return np.unique(np.asanyarray(data)), None
+    except DataError as error:
+        return np.array([]), str(error)
     except Exception as error:  # truncated gzip streams fail only when the data is read
-        return [
-            f"{case.case_id}: {case.label}: data cannot be read ({type(error).__name__}: {error})"
-        ]
-    values = np.unique(data)
+        return np.array([]), f"{path}: data cannot be read ({type(error).__name__}: {error})"
+
+
+def _label_value_problems(case: Case, dataset: DatasetInfo) -> list[str]:
+    values, error = _label_values(case.label, dataset)
+    if error:
+        return [f"{case.case_id}: {error}"]
     if not np.all(np.equal(np.mod(values, 1), 0)):
         return [f"{case.case_id}: {case.label}: label map has non-integer values"]
-    unknown = sorted(set(values.astype(np.int64).tolist()) - set(labels))
+    unknown = sorted(set(values.astype(np.int64).tolist()) - set(dataset.labels))
     if unknown:
-        declared = ", ".join(f"{k}: {v}" for k, v in labels.items())
+        declared = ", ".join(f"{k}: {v}" for k, v in dataset.labels.items())
         return [
             f"{case.case_id}: {case.label}: label values {unknown} are not in the declared "
             f"label map {{{declared}}}"
         ]
     return []
-
-
-def affines_match(a: np.ndarray, b: np.ndarray) -> bool:
-    """Equal up to a tolerance relative to the voxel size (as nnU-Net's checks do)."""
-    scale = max(float(np.abs(a[:3, :3]).max()), 1e-6)
-    return bool(np.allclose(a, b, atol=1e-3 * scale, rtol=0))

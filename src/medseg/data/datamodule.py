@@ -26,6 +26,7 @@ from medseg.data.cache import (
 from medseg.data.cascade import PerturbedStageMasks, check_mask_source, prediction_mask_paths
 from medseg.data.cases import DatasetInfo, discover_cases
 from medseg.data.geometry import DEFAULT_MAX_RESAMPLE_GROWTH, ResampleLimit
+from medseg.data.image_io import ReadOptions
 from medseg.data.patches import (
     SAMPLERS,
     PatchDataset,
@@ -100,6 +101,10 @@ class SegmentationDataModule(L.LightningDataModule):
             per case), read when a stage has classification or regression tasks.
         max_resample_growth: a case whose resampling to ``preprocess.spacing`` would multiply
             its voxels by more than this is refused (a wrong spacing in its header).
+        reorient_labels: a label (or merged mask) stored on its image's grid with flipped or
+            permuted axes is reoriented onto the image grid (else validation reports it).
+        dicom: ``{nonuniform_slices: error | resample}``: DICOM series whose slices are not
+            evenly spaced are refused, or resampled onto an even grid.
     """
 
     def __init__(
@@ -127,6 +132,8 @@ class SegmentationDataModule(L.LightningDataModule):
         split_seed: int = 0,
         targets: Mapping | None = None,
         max_resample_growth: float = DEFAULT_MAX_RESAMPLE_GROWTH,
+        reorient_labels: bool = False,
+        dicom: Mapping | None = None,
     ):
         super().__init__()
         self.root = Path(root).expanduser()
@@ -134,6 +141,10 @@ class SegmentationDataModule(L.LightningDataModule):
         self.layout = layout
         self.phantom = dict(phantom) if phantom is not None else None
         self.preprocess = dict(preprocess or {})
+        self.reading = ReadOptions(
+            nonuniform_slices=dict(dicom or {}).get("nonuniform_slices", "error"),
+            reorient_labels=bool(reorient_labels),
+        )
         self.settings = preprocess_settings(self.preprocess)
         self.resample_limit = ResampleLimit.from_config(
             max_resample_growth, "data.max_resample_growth"
@@ -246,7 +257,7 @@ class SegmentationDataModule(L.LightningDataModule):
         root = self.root.resolve()
         if is_zarr_store(root):
             return discover_zarr_dataset(root, self.labels)
-        return discover_cases(root, self.labels, self.layout)
+        return discover_cases(root, self.labels, self.layout, self.reading)
 
     @property
     def class_names(self) -> list[str]:
@@ -342,7 +353,7 @@ class SegmentationDataModule(L.LightningDataModule):
             raise ConfigError("stage.training_masks.dir is required with source=predictions")
         if self.dataset.storage == "zarr":
             raise ConfigError(
-                "stage.training_masks.source=predictions reads NIfTI predictions on the "
+                "stage.training_masks.source=predictions reads prediction files on the "
                 "source grid; it is not available for Zarr datasets"
             )
         return prediction_mask_paths(
@@ -361,7 +372,9 @@ class SegmentationDataModule(L.LightningDataModule):
         )
         case_info = self.dataset.case(case.case_id)
         arrays = (
-            {} if stored else prepare_priors(case_info, self.settings, paths, self.resample_limit)
+            {}
+            if stored
+            else prepare_priors(case_info, self.dataset, self.settings, paths, self.resample_limit)
         )
         return {
             stage: self._cached(case, name, lambda stage=stage: arrays[stage], volume=True)

@@ -5,73 +5,58 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 import torchio as tio
 
+from medseg.data.alignment import reorient_to_grid
 from medseg.data.cascade import PRIOR_PREFIX
-from medseg.data.cases import NIFTI_SUFFIXES, Case
+from medseg.data.cases import Case
+from medseg.data.image_io import DEFAULT_READING, ReadOptions
 from medseg.data.targets import TARGET_PREFIX
-
-
-def read_image(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Data ([C, x, y, z] or [x, y, z]) and RAS affine of a NIfTI file, a DICOM series folder
-    or an array of a Zarr dataset (see :mod:`medseg.data.zarr_store`).
-
-    TorchIO's reader, except that NIfTI files are read with nibabel: SimpleITK (TorchIO's
-    default) fills a truncated ``.nii.gz`` with zeros without an error; nibabel raises, so a
-    damaged file is reported instead of trained on. DICOM folders go to TorchIO's reader.
-    """
-    path = Path(path)
-    if path.is_dir():
-        # Imported here: zarr_store builds subjects with this module.
-        from medseg.data.zarr_store import is_zarr_array, read_zarr_array
-
-        return read_zarr_array(path) if is_zarr_array(path) else tio.io.read_image(path)
-    if not path.name.endswith(NIFTI_SUFFIXES):
-        return tio.io.read_image(path)
-    image = nib.load(path)
-    data = np.asanyarray(image.dataobj)
-    if data.ndim == 4:  # (x, y, z, C) -> (C, x, y, z)
-        data = np.moveaxis(data, -1, 0)
-    return data, image.affine
-
-
-def open_as_nifti(path: str | Path) -> nib.Nifti1Image:
-    """A NIfTI file as nibabel opens it (header kept); a DICOM series or Zarr array read
-    into a NIfTI image with its affine, so code that reads NIfTI files accepts them too."""
-    path = Path(path)
-    if not path.is_dir():
-        return nib.load(path)
-    data, affine = read_image(path)
-    data = np.asarray(data)
-    if data.ndim == 4:  # (C, x, y, z) -> (x, y, z, C), one channel as 3D
-        data = data[0] if data.shape[0] == 1 else np.moveaxis(data, 0, -1)
-    return nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
-
 
 # Label maps named merge_<value> are folded into `label` by preprocess.MergeLabelMasks.
 MERGE_PREFIX = "merge_"
 
 
-def case_to_subject(case: Case, label_maps: Mapping[str, Path] | None = None) -> tio.Subject:
-    """A lazy subject: files are read when a transform or `load()` first needs them.
+def case_to_subject(
+    case: Case,
+    label_maps: Mapping[str, Path] | None = None,
+    options: ReadOptions = DEFAULT_READING,
+) -> tio.Subject:
+    """A lazy subject: files are read (with `options`) when a transform or `load()` first
+    needs them.
 
     `label_maps` adds more label maps by name (e.g. earlier-stage predictions of a cascade).
     """
     images = list(case.images)
+    reader = options.reader()
     fields: dict = {
-        "image": tio.ScalarImage(images if len(images) > 1 else images[0], reader=read_image),
+        "image": tio.ScalarImage(images if len(images) > 1 else images[0], reader=reader),
         "case_id": case.case_id,
     }
     if case.label is not None:
-        fields["label"] = tio.LabelMap(case.label, reader=read_image)
+        fields["label"] = tio.LabelMap(case.label, reader=reader)
     for value, path in case.label_masks:
-        fields[f"{MERGE_PREFIX}{value}"] = tio.LabelMap(path, reader=read_image)
+        fields[f"{MERGE_PREFIX}{value}"] = tio.LabelMap(path, reader=reader)
     for name, path in (label_maps or {}).items():
-        fields[name] = tio.LabelMap(path, reader=read_image)
+        fields[name] = tio.LabelMap(path, reader=reader)
     return tio.Subject(**fields)
+
+
+def reorient_labels(subject: tio.Subject) -> None:
+    """Move every loaded label map stored on the image's grid with flipped or permuted axes
+    onto the image grid (exact: voxels change places, nothing is interpolated). Label maps
+    on another grid are left for validation to report."""
+    image = subject["image"]
+    for label in subject.get_images(intensity_only=False):
+        if label.type != tio.LABEL:
+            continue
+        data = np.moveaxis(label.data.numpy(), 0, -1)
+        moved = reorient_to_grid(data, label.affine, image.spatial_shape, image.affine)
+        if moved is not None and moved is not data:
+            label.set_data(torch.from_numpy(np.moveaxis(moved, -1, 0).copy()))
+            label.affine = image.affine.copy()
 
 
 def collate_subjects(subjects: Sequence[tio.Subject]) -> dict:

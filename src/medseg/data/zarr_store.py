@@ -38,7 +38,7 @@ from medseg.data.cases import Case, CaseValidationError, DatasetInfo, parse_chan
 from medseg.data.geometry import warn_implausible_spacing
 from medseg.data.prepared import ChannelAxis
 from medseg.data.scan import LabelIndex
-from medseg.data.subjects import case_to_subject
+from medseg.data.subjects import case_to_subject, reorient_labels
 from medseg.errors import DataError
 
 # Chunks of Zarr datasets that convert_to_zarr writes: 64^3 voxels, so a 64^3 patch touches
@@ -329,8 +329,9 @@ def read_index(group: zarr.Group, counts: Mapping[str, int]) -> LabelIndex:
 
 
 def convert_to_zarr(dataset: DatasetInfo, out: Path, canonical: bool = True) -> Path:
-    """Write a NIfTI/DICOM dataset as a Zarr dataset, one case at a time (raw intensities,
-    reoriented to RAS when ``canonical``). Cases already at ``out`` are replaced."""
+    """Write a dataset of image files or DICOM folders as a Zarr dataset, one case at a time
+    (raw intensities, reoriented to RAS when ``canonical``), read as ``dataset.reading``
+    says. Cases already at ``out`` are replaced."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     root = zarr.open_group(str(out), mode="a")
@@ -341,7 +342,10 @@ def convert_to_zarr(dataset: DatasetInfo, out: Path, canonical: bool = True) -> 
         }
     )
     for case in dataset.cases:
-        subject = case_to_subject(case)
+        subject = case_to_subject(case, options=dataset.reading)
+        subject.load()
+        if dataset.reading.reorient_labels:
+            reorient_labels(subject)
         if canonical:
             subject = tio.ToCanonical()(subject)
         label = subject["label"].data[0].numpy() if "label" in subject else None

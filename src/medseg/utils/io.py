@@ -9,8 +9,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
-import nibabel as nib
-
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
     """Call ``write(handle)`` on a temporary file in the same folder, then rename it over `path`.
@@ -43,21 +41,23 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode())
 
 
-def atomic_save_niftis(images: Mapping[Path, nib.Nifti1Image]) -> None:
-    """Save several NIfTI images (path -> image) all or none.
+def atomic_save_files(saves: Mapping[Path, Callable[[Path], object]]) -> None:
+    """Save several files all or none: ``saves`` maps each path to a writer called with a
+    temporary path (for writers that open the file themselves: nibabel, SimpleITK).
 
-    Each is saved to a temporary file beside its path (the name keeps the `.nii`/`.nii.gz`
-    ending so nibabel picks the same format); only when every one is saved are they renamed
-    into place. If anything fails (a full disk, a crash, a kill), none of them remains.
+    Each is saved to a temporary file beside its path (the name keeps the file's ending:
+    ``.nii.gz``, ``.nrrd``, ..., so the writer picks the same format); only when every one is
+    saved are they renamed into place. If anything fails (a full disk, a crash, a kill), none
+    of them remains.
     """
     staged: list[tuple[Path, Path]] = []
     placed: list[Path] = []
     try:
-        for path, image in images.items():
+        for path, save in saves.items():
             path.parent.mkdir(parents=True, exist_ok=True)
-            ending = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+            ending = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
             staged.append((path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp{ending}"), path))
-            nib.save(image, staged[-1][0])
+            save(staged[-1][0])
         for tmp, path in staged:
             tmp.replace(path)
             placed.append(path)
