@@ -201,7 +201,7 @@ def test_channel_files_of_a_case_are_grouped(tmp_path):
         ("b", ["b_0000.nii.gz", "b_0001.nii.gz"]),
     ]
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="input: no images in .*NRRD"):
+    with pytest.raises(DataError, match=r"input: no images in .*NRRD"):
         find_input_cases(tmp_path / "empty")
     with pytest.raises(DataError, match=r"input: .*missing does not exist"):
         find_input_cases(tmp_path / "missing")

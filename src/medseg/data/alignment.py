@@ -58,7 +58,7 @@ class GridDifference:
         parts = []
         if self.flipped_axes:
             axes = " and ".join(map(str, self.flipped_axes))
-            parts.append(f"a flip of axis{'es' if len(self.flipped_axes) > 1 else ''} {axes}")
+            parts.append(f"a flip of {'axes' if len(self.flipped_axes) > 1 else 'axis'} {axes}")
         if self.permutation:
             targets = ", ".join(map(str, self.permutation))
             parts.append(f"a permutation of axes (0, 1, 2 -> {targets})")
