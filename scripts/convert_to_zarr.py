@@ -1,4 +1,4 @@
-"""Write an MSD-layout dataset (NIfTI files or DICOM folders) as a Zarr dataset.
+"""Write an MSD-layout dataset (NIfTI, NRRD, MetaImage files or DICOM folders) as Zarr.
 
 Usage: python scripts/convert_to_zarr.py SRC_DIR OUT.zarr [--no-canonical]
 Then train on it in place: python src/train.py data=zarr data.root=OUT.zarr

@@ -162,13 +162,13 @@ def _itk_information(path: Path, name: str) -> sitk.ImageFileReader:
     return reader
 
 
-def open_as_nifti(path: str | Path, options: ReadOptions = DEFAULT_READING) -> nib.Nifti1Image:
+def open_as_nifti(path: str | Path) -> nib.Nifti1Image:
     """A NIfTI file as nibabel opens it (header kept); any other image read into a NIfTI
     image with its affine, so code that reads NIfTI files accepts every format."""
     path = Path(path)
     if image_ending(path.name) in NIFTI_ENDINGS:
         return nib.load(path)
-    data, affine = read_image(path, options)
+    data, affine = read_image(path)
     data = np.asarray(data)
     if data.ndim == 4:  # (C, x, y, z) -> (x, y, z, C), one channel as 3D
         data = data[0] if data.shape[0] == 1 else np.moveaxis(data, 0, -1)
