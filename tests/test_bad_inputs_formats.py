@@ -95,14 +95,17 @@ def no_temporary_files(folder: Path) -> bool:
 
 @pytest.fixture(scope="module")
 def formats_dataset(phantom_root, tmp_path_factory) -> Path:
-    """The phantom with phantom_002 as NRRD, phantom_004 as MetaImage (images and labels;
-    the two test cases of the tiny split), phantom_000's label stored with axis 0 flipped
+    """The phantom with phantom_002 as NRRD stored LPS, phantom_004 as MetaImage (images and
+    labels; the two test cases of the tiny split), phantom_000's label stored with axis 0 flipped
     (LAS of a RAS image), and a stray text file."""
     root = tmp_path_factory.mktemp("formats") / "ds"
     for case_id in CASES:
         for folder in ("imagesTr", "labelsTr"):
             source = phantom_root / folder / f"{case_id}.nii.gz"
-            if case_id in ENDINGS:
+            if case_id == "phantom_002":  # stored LPS: reads as RAS, like the NIfTI
+                lps = save_flipped(source, root.parent / "lps" / folder / source.name, [0, 1])
+                convert(lps, root / folder / f"{case_id}.nrrd")
+            elif case_id in ENDINGS:
                 convert(source, root / folder / f"{case_id}{ENDINGS[case_id]}")
             elif case_id == "phantom_000" and folder == "labelsTr":
                 save_flipped(source, root / folder / f"{case_id}.nii.gz", [0])
@@ -161,6 +164,11 @@ def formats_run(formats_dataset, tmp_path_factory) -> Path:
     )
     pipeline.train(cfg)
     return root / "run"
+
+
+def test_evaluation_follows_data_reorient_labels():
+    assert compose_config("eval", ["data.reorient_labels=true"]).evaluation.reorient_labels
+    assert not compose_config("eval").evaluation.reorient_labels
 
 
 def test_training_on_nrrd_mha_and_a_reoriented_label_predicts_the_test_cases_in_kind(
