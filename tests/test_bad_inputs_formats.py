@@ -89,6 +89,11 @@ def voxels(path: Path) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
 
 
+def read_rows(run: Path) -> list[dict]:
+    with (run / "test_metrics.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
 def no_temporary_files(folder: Path) -> bool:
     return not [p for p in folder.rglob("*") if p.name.startswith(".") or ".tmp" in p.name]
 
@@ -182,8 +187,7 @@ def test_training_on_nrrd_mha_and_a_reoriented_label_predicts_the_test_cases_in_
         assert geometry(formats_run / "predictions" / name) == geometry(
             formats_dataset / "imagesTr" / name
         )
-    with (formats_run / "test_metrics.csv").open() as handle:
-        assert sorted(row["case_id"] for row in csv.DictReader(handle)) == sorted(test_cases)
+    assert sorted(row["case_id"] for row in read_rows(formats_run)) == sorted(test_cases)
 
 
 @pytest.fixture(scope="module")
@@ -410,18 +414,20 @@ def test_eval_names_a_flipped_reference_and_scores_it_with_the_option(eval_folde
     result = run_script("eval.py", *overrides, f"paths.output_dir={tmp_path}/plain")
     assert_clean_failure(
         result,
-        f"{references / 'phantom_001.nii.gz'}: reference grid differs from the prediction "
-        f"{predictions / 'phantom_001.nrrd'}: a flip of axis 1 (the same world grid): set "
-        "evaluation.reorient_labels=true to reorient it onto the prediction grid",
+        f"{predictions / 'phantom_001.nrrd'}: prediction grid differs from the reference "
+        f"{references / 'phantom_001.nii.gz'}: a flip of axis 1 (the same world grid): set "
+        "evaluation.reorient_labels=true to reorient the reference onto the prediction grid",
     )
-    assert not (tmp_path / "plain" / "test_metrics.csv").exists()
+    assert [row["case_id"] for row in read_rows(tmp_path / "plain")] == [
+        "phantom_000",
+        "phantom_002",
+    ]
     cfg = compose_config(
         "eval",
         [*overrides, f"paths.output_dir={tmp_path}/reoriented", "evaluation.reorient_labels=true"],
     )
     pipeline.evaluate(cfg)
-    with (tmp_path / "reoriented" / "test_metrics.csv").open() as handle:
-        rows = list(csv.DictReader(handle))
+    rows = read_rows(tmp_path / "reoriented")
     assert [row["case_id"] for row in rows] == CASES[:3]
     assert all(float(row["dice_liver"]) == 1.0 for row in rows)
 

@@ -171,7 +171,7 @@ def test_eval_of_folders_scores_every_good_case_and_names_each_bad_one(tmp_path,
         ),
         "phantom_002": (unknown, "prediction has label values [7] outside the label map"),
         "phantom_003": (None, "cannot read the prediction ("),
-        "phantom_004": (label[:, :, :8], "prediction grid (shape (48, 48, 8)) differs from"),
+        "phantom_004": (label[:, :, :8], "prediction grid differs from the reference"),
     }
     for case_id, (data, _) in bad.items():
         path = predictions / f"{case_id}.nii.gz"

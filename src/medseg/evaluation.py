@@ -172,24 +172,24 @@ def _on_grid(
     """A reference label map's data on the voxel grid of the prediction (file, image).
 
     Raises:
-        DataError: naming both files and how their grids differ (with the option to set
-            when they hold the same voxel centres with flipped or permuted axes).
+        DataError: naming both files and how the prediction's grid differs (with the option
+            to set when they hold the same voxel centres with flipped or permuted axes).
     """
     data, image = _read_labels(path, what)
     prediction_path, prediction = grid
     shape = prediction.shape[:3]
-    difference = grid_difference(data.shape, image.affine, shape, prediction.affine)
+    difference = grid_difference(shape, prediction.affine, data.shape, image.affine)
     if difference is None:
         return data
     if difference.same_world_grid and reorient:
         return reorient_to_grid(data, image.affine, shape, prediction.affine)
     hint = (
-        ": set evaluation.reorient_labels=true to reorient it onto the prediction grid"
+        f": set evaluation.reorient_labels=true to reorient the {what} onto the prediction grid"
         if difference.same_world_grid
         else ""
     )
     raise DataError(
-        f"{path}: {what} grid differs from the prediction {prediction_path}: {difference}{hint}"
+        f"{prediction_path}: prediction grid differs from the {what} {path}: {difference}{hint}"
     )
 
 
