@@ -38,7 +38,6 @@ import numpy as np
 import torch
 import torchio as tio
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 
 from medseg.cli import config_dir
 from medseg.data.augment import build_augmentation
@@ -47,6 +46,7 @@ from medseg.data.datamodule import SegmentationDataModule
 from medseg.data.preprocess import build_preprocessing, preprocess_settings
 from medseg.losses import deep_supervision_loss
 from medseg.module import build_module
+from medseg.trusted import trusted_instantiate
 from medseg.utils.config import register_resolvers
 
 LABELS = {"0": "background", "1": "organ", "2": "lesion"}
@@ -159,7 +159,9 @@ def training_step_seconds(args, repeats: int) -> tuple[float, float]:
         cfg.model, cfg.stage, cfg.loss, 1, {int(k): v for k, v in LABELS.items()}, args.patch
     )
     net = next(iter(module.nets.values()))  # the default stage config has one stage
-    optimizer = instantiate(module.hparams.optimizer)(params=net.parameters())
+    optimizer = trusted_instantiate(module.hparams.optimizer, "optimizer", "model.optimizer")(
+        params=net.parameters()
+    )
     image = torch.randn(args.batch_size, 1, *args.patch)
     target = torch.randint(0, 3, (args.batch_size, 1, *args.patch))
 

@@ -5,7 +5,9 @@
 - Self-describing: besides the weights and the module's hyperparameters (label map,
   preprocessing, network), a checkpoint carries the resolved run config (:class:`StoreRunConfig`).
 - Loaded by :func:`load_checkpoint` only, with ``torch.load(weights_only=True)``: a checkpoint
-  that holds a pickled Python object (which could run code while loading) is refused.
+  that holds a pickled Python object (which could run code while loading) is refused, and so
+  is one whose hyperparameters name an object outside medseg's allowlist (`_target_` strings,
+  see :mod:`medseg.trusted`), before anything is built from them.
 - Checked against the config it is used with (:func:`check_compatible`): a mismatch names the
   config keys that differ.
 """
@@ -25,14 +27,19 @@ from lightning.fabric.plugins import TorchCheckpointIO
 
 from medseg.data.preprocess import preprocess_settings
 from medseg.errors import ConfigError, DataError
-from medseg.module import SegmentationModule
+from medseg.module import TARGET_HPARAMS, SegmentationModule
 from medseg.stages import parse_stage
+from medseg.trusted import find_untrusted
 from medseg.utils.io import atomic_write
 
 log = logging.getLogger(__name__)
 
 # Checkpoint key of the resolved run config.
 RUN_CONFIG_KEY = "medseg_config"
+# torch.save writes zip archives; files of torch < 1.6 (legacy) are pickles (protocol >= 2).
+ZIP_MAGIC = b"PK\x03\x04"
+PICKLE_PROTO = b"\x80"
+TAMPERED = "this checkpoint was not written by medseg or has been tampered with"
 
 # Module hyperparameter -> the config key a user sets it with.
 HPARAM_CONFIG_KEYS = {
@@ -84,31 +91,67 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint on the CPU with ``weights_only=True``; every medseg caller uses this.
 
     Raises:
-        DataError: the file is missing, unreadable, or holds pickled Python objects.
+        DataError: the file is missing, not a PyTorch checkpoint, unreadable, holds pickled
+            Python objects, or has hyperparameters naming objects medseg does not build.
     """
     path = Path(path).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"ckpt_path: checkpoint {path} does not exist")
+    not_torch = _not_a_torch_file(path)
+    if not_torch:
+        raise DataError(f"{path}: not a PyTorch checkpoint ({not_torch})")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         found = re.search(r"GLOBAL ([\w.]+)", str(error))
-        what = f" ({found.group(1)})" if found else ""
+        if found is None:
+            raise DataError(f"{path}: not a readable PyTorch checkpoint: {error}") from None
         raise DataError(
-            f"{path}: refused to load: the checkpoint contains a pickled Python object{what} "
-            "that could run code while loading. medseg only loads checkpoints made of tensors "
-            "and plain containers (torch.load with weights_only=True); this file was not "
-            "written by medseg or has been tampered with."
+            f"{path}: refused to load: the checkpoint contains a pickled Python object "
+            f"({found.group(1)}) that could run code while loading. medseg only loads "
+            "checkpoints made of tensors and plain containers (torch.load with "
+            f"weights_only=True); {TAMPERED}."
         ) from None
     except Exception as error:  # torch raises OSError, KeyError, RuntimeError... on bad files
         raise DataError(
             f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
             f"{type(error).__name__}: {error}"
         ) from None
+    if not isinstance(checkpoint, dict):
+        raise DataError(f"{path}: not a medseg checkpoint (a {type(checkpoint).__name__})")
     missing = {"state_dict", "hyper_parameters"} - set(checkpoint)
-    if not isinstance(checkpoint, dict) or missing:
+    if missing:
         raise DataError(f"{path}: not a medseg checkpoint (no {', '.join(sorted(missing))})")
+    if not isinstance(checkpoint["hyper_parameters"], dict):
+        raise DataError(f"{path}: not a medseg checkpoint (hyper_parameters is not a mapping)")
+    refusal = find_untrusted(checkpoint["hyper_parameters"], TARGET_HPARAMS)
+    if refusal is not None:
+        raise DataError(
+            f"{path}: refused: hyper_parameters.{refusal.key} is {refusal.value!r}, which is "
+            f"{refusal.problem}; {TAMPERED}"
+        )
     return checkpoint
+
+
+def _not_a_torch_file(path: Path) -> str | None:
+    """What `path` is when it cannot be a ``torch.save`` file (None when it may be one).
+
+    torch has no public test for this; its own (``torch.serialization._is_zipfile``) reads
+    the same magic bytes. Without it, ``torch.load`` on a text file fails inside the
+    unpickler, which reads like a refused pickled object rather than a wrong file.
+    """
+    if path.is_dir():
+        return "a folder"
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(4)
+    except OSError as error:
+        return f"cannot be read: {error.strerror or error}"
+    if not head:
+        return "an empty file"
+    if head.startswith(ZIP_MAGIC) or head[:1] == PICKLE_PROTO:
+        return None
+    return f"it starts with {head!r}, where torch.save files start a zip archive or a pickle"
 
 
 def load_module(path: str | Path) -> SegmentationModule:

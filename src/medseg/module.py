@@ -17,7 +17,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -31,11 +30,24 @@ from medseg.models.unet import ResidualSEUNet
 from medseg.multitask import CascadeTasks, lookup_table
 from medseg.stages import Cascade, Finetune, StageSpec, build_cascade, parse_stage
 from medseg.task_metrics import dice_metric, metric_names
+from medseg.trusted import check_trusted, trusted_instantiate
 
 log = logging.getLogger(__name__)
 
 # Keys of the `model` config that configure training rather than the network.
 TRAINING_KEYS = ("optimizer", "scheduler", "inference", "gradient_clip")
+# The module's hyperparameters that are `_target_` configs, and their kinds (see
+# medseg.trusted; [] is any list index). A `_target_` anywhere else in a checkpoint is refused.
+TARGET_HPARAMS = {
+    "loss": "loss",
+    "optimizer": "optimizer",
+    "scheduler": "scheduler",
+    "stages[].optim.optimizer": "optimizer",
+    "stages[].optim.scheduler": "scheduler",
+    "stages[].tasks[].loss": "loss",
+}
+# The `_target_` configs a stage's `optim` overrides (merged into model.<name>).
+OPTIM_KINDS = ("optimizer", "scheduler")
 
 
 class SegmentationModule(L.LightningModule):
@@ -96,6 +108,11 @@ class SegmentationModule(L.LightningModule):
             ),
         )
         self.class_names = self.cascade.class_names
+        # Refused targets fail here, before any data is prepared, not when training starts.
+        for name in OPTIM_KINDS:
+            check_trusted(self.hparams[name], name, f"model.{name}")
+            for index, stage in enumerate(self.cascade.stages):
+                check_trusted(stage.optim.get(name), name, f"stage.stages[{index}].optim.{name}")
         self.nets = nn.ModuleDict(
             {
                 s.name: ResidualSEUNet(
@@ -107,7 +124,7 @@ class SegmentationModule(L.LightningModule):
                 for s in self.cascade.stages
             }
         )
-        self.loss = instantiate(loss)
+        self.loss = trusted_instantiate(loss, "loss", "loss")
         self.tasks = CascadeTasks(self.cascade, self.nets, loss)
         self.inference = {"overlap": 0.5, "batch_size": 4, "gaussian": True, **(inference or {})}
         # Each stage's grid on the data patch (inference["window"], data.patch_size).
@@ -336,20 +353,28 @@ class SegmentationModule(L.LightningModule):
 
     def configure_optimizers(self):
         optimizers, schedulers = [], []
-        for stage in self.cascade.stages:
-            overrides = stage.optim
-            optimizer = instantiate(_merge(self.hparams.optimizer, overrides.get("optimizer")))(
+        for index, stage in enumerate(self.cascade.stages):
+            optimizer = self._stage_optim(index, "optimizer")(
                 params=self.tasks.parameter_groups(stage, self.nets[stage.name])
             )
             optimizers.append(optimizer)
-            scheduler_cfg = _merge(self.hparams.scheduler, overrides.get("scheduler"))
-            if scheduler_cfg:
-                factory = instantiate(scheduler_cfg)
+            factory = self._stage_optim(index, "scheduler")
+            if factory is not None:
                 kwargs = {"optimizer": optimizer}
                 if "epochs" in inspect.signature(factory).parameters:
                     kwargs["epochs"] = self.cascade.training_epochs(stage.name, self._max_epochs())
                 schedulers.append(factory(**kwargs))
         return optimizers, schedulers
+
+    def _stage_optim(self, index: int, name: str):
+        """The partial optimizer or scheduler (`name`) of stage `index`: ``model.<name>``
+        with the stage's ``optim.<name>`` overrides; None without a ``model.<name>``."""
+        overrides = self.cascade.stages[index].optim.get(name)
+        config = _merge(self.hparams[name], overrides)
+        if config is None:
+            return None
+        key = f"stage.stages[{index}].optim.{name}" if overrides else f"model.{name}"
+        return trusted_instantiate(config, name, key)
 
     def _max_epochs(self) -> int:
         max_epochs = self.trainer.max_epochs if self._trainer is not None else None
@@ -363,7 +388,7 @@ class SegmentationModule(L.LightningModule):
     def load_finetune_weights(self) -> None:
         """Initialise the networks from ``finetune.ckpt_path`` (weights only, fresh optimizers)."""
         path = Path(self.cascade.finetune.ckpt_path).expanduser()
-        if not path.is_file():
+        if not path.exists():
             raise DataError(f"finetune.ckpt_path: checkpoint {path} does not exist")
         from medseg.checkpoints import load_checkpoint  # it imports this module
 

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Mapping, Sequence
 
 import torch
-from hydra.utils import instantiate
+from hydra.errors import InstantiationException
 from torch import nn
 
 from medseg.errors import ConfigError
@@ -24,6 +24,7 @@ from medseg.models.unet import ResidualSEUNet
 from medseg.stages import Cascade, StageSpec
 from medseg.task_metrics import TaskMetrics, case_row, never_predicted
 from medseg.tasks import DEFAULT_LOSSES, TaskSpec, class_weights
+from medseg.trusted import trusted_instantiate
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +39,22 @@ def lookup_table(mapping: Mapping[int, int]) -> torch.Tensor:
     return lut
 
 
-def build_task_loss(task: TaskSpec, segmentation_loss: Mapping) -> nn.Module:
-    """The task's loss module: its own `loss` config, else its type's default (segmentation
-    tasks default to the segmentation loss). A classification loss gets a `weight` buffer
-    for class weights unless ``class_weights`` is ``none``."""
+def build_task_loss(task: TaskSpec, segmentation_loss: Mapping, key: str) -> nn.Module:
+    """The task's loss module: its own `loss` config (at config key `key`), else its type's
+    default (segmentation tasks default to the segmentation loss, config key ``loss``). A
+    classification loss gets a `weight` buffer for class weights unless ``class_weights`` is
+    ``none``."""
     config = dict(task.loss or DEFAULT_LOSSES.get(task.type) or segmentation_loss)
+    key = key if task.loss else "loss"
     if task.type == "classification" and task.class_weights != "none":
         try:
-            return instantiate(config, weight=torch.ones(task.num_outputs))
-        except Exception as error:
+            return trusted_instantiate(config, "loss", key, weight=torch.ones(task.num_outputs))
+        except InstantiationException as error:
             raise ConfigError(
                 f"task {task.name!r}: loss {config['_target_']} takes no class weights "
                 f"({error}); set class_weights: none"
             ) from error
-    return instantiate(config)
+    return trusted_instantiate(config, "loss", key)
 
 
 class CascadeTasks(nn.Module):
@@ -75,7 +78,13 @@ class CascadeTasks(nn.Module):
                 decoder = net.decoder_features[0] if stage.needs_decoder else None
                 self.heads[stage.name] = TaskHeads(stage.tasks, net.dims, net.features, decoder)
         self.losses = nn.ModuleDict(
-            {t.name: build_task_loss(t, segmentation_loss) for t in cascade.tasks}
+            {
+                task.name: build_task_loss(
+                    task, segmentation_loss, f"stage.stages[{i}].tasks[{j}].loss"
+                )
+                for i, stage in enumerate(cascade.stages)
+                for j, task in enumerate(stage.tasks)
+            }
         )
         for task in cascade.tasks:
             if task.type == "segmentation":
