@@ -24,6 +24,7 @@ from medseg.data.slices import predict_slices, volume_patch_size
 from medseg.errors import ConfigError, DataError
 from medseg.inference import sliding_window_inference
 from medseg.losses import deep_supervision_loss
+from medseg.models.bottleneck import WindowKeys, check_window
 from medseg.models.cascade import CascadePrediction, predict_cascade
 from medseg.models.resolution import StageGrid, stage_grid
 from medseg.models.unet import ResidualSEUNet
@@ -132,8 +133,8 @@ class SegmentationModule(L.LightningModule):
         if "window" in self.inference:
             for s in self.cascade.stages:
                 grid = stage_grid(s.name, s.downsample, s.patch_size, self.inference["window"])
-                self.nets[s.name].check_input_size(grid.window)
                 self.grids[s.name] = grid
+            self.check_windows()  # its warnings are for training: pipeline.train logs them
         self.register_buffer("composed_lut", lookup_table(self.cascade.composed_values()), False)
         for stage in self.cascade.stages:
             lut = lookup_table(self.cascade.stage_values(stage))
@@ -244,6 +245,31 @@ class SegmentationModule(L.LightningModule):
                 "build_module or load it from a checkpoint"
             )
         return self.grids[stage.name]
+
+    def check_windows(self, bf16_on_cpu: bool = False) -> list[str]:
+        """A ConfigError naming the keys for a stage window its network cannot train on
+        (`bf16_on_cpu`: training runs in bf16 on the CPU); the warnings of the windows below
+        nnU-Net's bottleneck rule. See :mod:`medseg.models.bottleneck`."""
+        warnings = []
+        for index, stage in enumerate(self.cascade.stages):
+            grid = self.stage_grid(stage)
+            depth_keys = {"num_stages", "strides"} & set(stage.network)
+            network = f"stage.stages[{index}].network" if depth_keys else "model"
+            settings = {**self.hparams.network, **stage.network}
+            keys = WindowKeys(
+                stage=stage.name,
+                window="data.patch_size"
+                if stage.patch_size is None
+                else f"stage.stages[{index}].patch_size",
+                scale=grid.factors if stage.patch_size is None else (1,) * len(grid.window),
+                network=network,
+                explicit_strides=settings.get("strides") is not None,
+            )
+            net = self.nets[stage.name]
+            warning = check_window(grid.window, net.strides, keys, bf16_on_cpu)
+            if warning is not None:
+                warnings.append(warning)
+        return warnings
 
     @property
     def region_box_sizes(self) -> dict[str, tuple[int, ...]]:

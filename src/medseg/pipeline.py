@@ -14,6 +14,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
@@ -89,6 +90,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
     _check_ddp_launch(trainer)
     if cfg.get("train", True):
+        for warning in module.check_windows(bf16_on_cpu=_bf16_on_cpu(trainer)):
+            log.warning("%s", warning)
         ckpt_path = _resume_checkpoint(cfg, callbacks)
         if ckpt_path is not None:
             saved = checkpoints.load_checkpoint(ckpt_path)
@@ -439,6 +442,10 @@ def _check_ddp_launch(trainer: L.Trainer) -> None:
             "run each configuration on its own, or launch the sweep on SLURM "
             "(hydra/launcher=slurm), where each rank is a task of the job"
         )
+
+
+def _bf16_on_cpu(trainer: L.Trainer) -> bool:
+    return isinstance(trainer.accelerator, CPUAccelerator) and trainer.precision.startswith("bf16")
 
 
 def _checkpoint_paths(value: str | Sequence[str] | None) -> list[Path]:

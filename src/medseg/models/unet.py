@@ -15,6 +15,7 @@ from torch import nn
 
 from medseg.errors import ConfigError
 from medseg.models.blocks import ConvNormAct, ResidualBlock, Stride, conv, transposed_conv
+from medseg.models.bottleneck import total_stride
 
 
 class ResidualSEUNet(nn.Module):
@@ -121,10 +122,7 @@ class ResidualSEUNet(nn.Module):
     @property
     def total_stride(self) -> tuple[int, ...]:
         """Product of the strides per axis: input sizes must be multiples of it."""
-        total = [1] * self.dims
-        for stride in self.strides:
-            total = [t * s for t, s in zip(total, stride, strict=True)]
-        return tuple(total)
+        return total_stride(self.strides)
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Features of every encoder stage, highest resolution first."""
