@@ -20,8 +20,7 @@ def test_the_issue_patch_with_the_default_network_is_refused_before_training(
     line = assert_clean_failure(
         result,
         "stage 'segmentation': data.patch_size=[32, 32, 16] with model.num_stages=5",
-        "2 voxels deep along the first axis",
-        "[2, 2, 1]",
+        "gives a bottleneck of [2, 2, 1] voxels and feature maps 2 voxels deep along the first",
         "use data.patch_size=[48, 32, 16] or model.num_stages=4 (bottleneck [4, 4, 2])",
         "trainer.precision=32-true",
     )

@@ -33,8 +33,9 @@ def test_the_issue_patch_is_refused_in_bf16_on_the_cpu_with_what_would_work():
     message = str(error.value)
     assert message.startswith(
         "stage 'segmentation': data.patch_size=[32, 32, 16] with model.num_stages=5 and "
-        "model.strides=null (total stride [16, 16, 16]) gives feature maps 2 voxels deep along "
-        "the first axis ([[32, 32, 16], [16, 16, 8], [8, 8, 4], [4, 4, 2], [2, 2, 1]])"
+        "model.strides=null (total stride [16, 16, 16]) gives a bottleneck of [2, 2, 1] voxels "
+        "and feature maps 2 voxels deep along the first axis "
+        "([[32, 32, 16], [16, 16, 8], [8, 8, 4], [4, 4, 2], [2, 2, 1]])"
     )
     assert message.endswith(
         "use data.patch_size=[48, 32, 16] or model.num_stages=4 (bottleneck [4, 4, 2]), or "

@@ -97,7 +97,8 @@ def check_window(
     if bf16_on_cpu and len(window) == 3 and not _fits(window, strides, _no_two_deep_maps):
         sizes = [list(s) for s in feature_sizes(window, strides)]
         raise ConfigError(
-            f"{what} gives feature maps 2 voxels deep along the first axis ({sizes}): in bf16 "
+            f"{what} gives a bottleneck of {list(bottleneck)} voxels and feature maps 2 voxels "
+            f"deep along the first axis ({sizes}): in bf16 "
             "on the CPU, torch computes wrong gradients for 3D convolutions on such maps and "
             "training diverges to NaN; use "
             f"{_alternatives(window, strides, keys, _no_two_deep_maps)}, or "
