@@ -16,11 +16,12 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
@@ -106,6 +107,8 @@ def find_untrusted(config: Any, kinds: Mapping[str, str], key: str = "") -> Refu
     refused, and so is every string holding an interpolation. Only modules a kind allows
     are imported. `key` is where `config` itself is.
     """
+    if OmegaConf.is_config(config):  # reading its values would resolve interpolations
+        config = OmegaConf.to_container(config, resolve=False)
     return _walk(config, kinds, key, _kind_at(kinds, key, None))
 
 
@@ -134,7 +137,7 @@ def _walk(value: Any, kinds: Mapping[str, str], key: str, kind: str | None) -> R
             if refusal is not None:
                 return refusal
         children = ((_join(key, str(k)), v) for k, v in value.items())
-    elif isinstance(value, list | tuple):
+    elif isinstance(value, Sequence) and not isinstance(value, bytes):
         children = ((f"{key}[{i}]", v) for i, v in enumerate(value))
     else:
         return None
