@@ -281,16 +281,19 @@ def test_empty_existing_folder_is_filled(tmp_path: Path) -> None:
 def test_concurrent_writer_that_finishes_first_wins(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Another process installs the same phantom while this one is still generating."""
+    """A writer that does not take the lock (an older medseg, a file system without flock)
+    installs the same phantom while this one is still generating."""
     root = tmp_path / "phantom"
     original = phantom._write_all
     raced: list[dict[Path, int]] = []
 
     def write_then_lose_race(staging: Path, params: dict) -> None:
         original(staging, params)
-        if not raced:
-            monkeypatch.setattr(phantom, "_write_all", original)
-            write_small(root, num_cases=2)  # the "other process" installs first
+        if not raced:  # the "other writer" installs first
+            other = tmp_path / "other"
+            other.mkdir()
+            original(other, params)
+            other.rename(root)
             raced.append(file_mtimes(root))
 
     monkeypatch.setattr(phantom, "_write_all", write_then_lose_race)

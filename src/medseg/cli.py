@@ -2,7 +2,8 @@
 `medseg-predict`, `medseg-prepare`, ...).
 
 Errors caused by the user's input (MedsegError, or a config that cannot be instantiated)
-are printed as one message and exit with status 1 instead of a traceback.
+are printed as one message and exit with status 1 instead of a traceback; Ctrl-C ends with
+one line and status 130.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -61,6 +63,8 @@ def run_task(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) ->
     try:
         check_output_folders(cfg, ["paths.output_dir"])  # result.json, and the task's files
         metrics = task(cfg)
+    except KeyboardInterrupt:
+        _exit_interrupted(task.__name__, output_dir)
     except Exception as error:
         user_error = _is_user_error(error)
         if rank_zero_only.rank == 0:
@@ -85,15 +89,32 @@ def run_task(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) ->
     return metrics.get(name) if name else None
 
 
+def _exit_interrupted(name: str, output_dir: Path) -> NoReturn:
+    """End a Ctrl-C'd command with one line saying what stopped and what is left, and exit
+    status 130 (128 + SIGINT, as shells report it). A multirun stops too."""
+    if rank_zero_only.rank == 0:
+        write_job_result(output_dir, "failed", error="interrupted (Ctrl-C)")
+    last = output_dir / "checkpoints" / "last.ckpt"
+    left = "every file written so far is complete, none is half-written"
+    if last.is_file():
+        left += f"; continue with ckpt_path={last}"
+    message = f"interrupted: {name} stopped ({output_dir}); {left}"
+    log.error("%s", message)
+    rich.print(f"[bold red]{rich.markup.escape(message)}[/bold red]")
+    sys.exit(130)
+
+
 def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 class _DropLightningTips(logging.Filter):
-    """Lightning advertises its cloud products at every run; keep the console for results."""
+    """Lightning advertises its cloud products at every run, and announces a Ctrl-C that
+    run_task reports itself; keep the console for results."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Tip: For seamless" not in str(record.msg)
+        message = str(record.msg)
+        return "Tip: For seamless" not in message and "Detected KeyboardInterrupt" not in message
 
 
 register_resolvers()

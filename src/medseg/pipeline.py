@@ -97,7 +97,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             saved = checkpoints.load_checkpoint(ckpt_path)
             check_compatible(saved, dict(module.hparams), ckpt_path)
             log.info("resuming from %s", ckpt_path)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        _fit(trainer, module, datamodule, ckpt_path)
     metrics = _floats(trainer.callback_metrics)
     if not trainer.is_global_zero:
         return metrics
@@ -106,7 +106,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if not best:
             log.warning("no best checkpoint was saved: testing the current weights")
-        test_cases = [datamodule.dataset.case(i) for i in datamodule.split.test]
+        test_ids = _limit_test_cases(datamodule.split.test, cfg.trainer)
+        test_cases = [datamodule.dataset.case(i) for i in test_ids]
         test_metrics, failures = test_modules(
             [load_checkpoint(best) if best else module.eval()],
             test_cases,
@@ -120,6 +121,34 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics |= test_metrics
         _raise_unscored(failures, len(test_cases), output_dir)
     return metrics
+
+
+def _fit(trainer: L.Trainer, module, datamodule, ckpt_path: str | None) -> None:
+    """``trainer.fit``, where a Ctrl-C stays a KeyboardInterrupt: Lightning shuts the run
+    down cleanly, then exits with status 1, which the CLI could not tell from a failure."""
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SystemExit:
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
+
+
+def _limit_test_cases(case_ids: Sequence[str], trainer_cfg: DictConfig) -> list[str]:
+    """The test cases a run predicts: all of them, or, as the debug configs ask, as many as
+    Lightning would run test batches of one case under ``trainer.fast_dev_run`` (true: 1)
+    or ``trainer.limit_test_batches`` (a count, or a fraction), but at least one."""
+    fast_dev_run = trainer_cfg.get("fast_dev_run")
+    limit = trainer_cfg.get("limit_test_batches")
+    if fast_dev_run:
+        count = 1 if fast_dev_run is True else int(fast_dev_run)
+    elif isinstance(limit, float):
+        count = max(1, int(len(case_ids) * limit))
+    elif isinstance(limit, int):
+        count = max(1, limit)
+    else:
+        count = len(case_ids)
+    return list(case_ids)[:count]
 
 
 def test_modules(

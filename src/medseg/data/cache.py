@@ -5,7 +5,9 @@ hashes the dataset's location, label map, channels and preprocessing settings: c
 of them prepares a new cache, never reusing a stale one. Inside, each case is a Zarr group
 (see :mod:`medseg.data.zarr_store`) that records the size and modification time of its
 source files; a case whose files changed is prepared again. Preparing writes each case
-atomically, so an interrupted or failed run leaves only complete cases.
+atomically, so an interrupted or failed run leaves only complete cases (after a kill, also
+hidden staging folders, which the next run removes). Processes preparing one cache take
+turns, so parallel sweep jobs never prepare a case twice.
 
 Cases of image files and DICOM folders are read whole, preprocessed with TorchIO
 (non-finite voxels, orientation, crop to the non-zero region, resampling, intensity
@@ -57,7 +59,8 @@ from medseg.data.zarr_store import (
 )
 from medseg.errors import ConfigError, DataError
 from medseg.utils.failures import case_failure
-from medseg.utils.io import atomic_write_text
+from medseg.utils.io import atomic_write_text, remove_leftovers
+from medseg.utils.locks import exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -335,9 +338,21 @@ def prepare_cache(
     Cases that need preparing are validated first (one error lists every bad case); a case
     that fails while being read, preprocessed (see :func:`prepare_case`; ``limit`` bounds
     resampling) or written, whatever it raises, leaves no entry and is reported with the
-    others after the rest are written.
+    others after the rest are written. Processes preparing the same cache take turns (see
+    :mod:`medseg.utils.locks`): the second one waits, then finds the cases current.
     """
     root = cache_location(cache_dir, dataset, settings)
+    with exclusive_lock(root):
+        _prepare_stale_cases(root, dataset, settings, limit)
+    return root
+
+
+def _prepare_stale_cases(
+    root: Path, dataset: DatasetInfo, settings: Mapping, limit: ResampleLimit | None
+) -> None:
+    """The work of :func:`prepare_cache`, done while holding the cache's lock: what a killed
+    run left half-written goes first, then every case that is missing or stale is written."""
+    _remove_leftovers(root)
     stale = []
     signatures = {}
     for case in dataset.cases:
@@ -345,9 +360,12 @@ def prepare_cache(
         if not _is_current(root / case.case_id, signatures[case.case_id]):
             stale.append(case.case_id)
     if not stale and (root / FINGERPRINT_FILE).is_file():
-        return root
+        return
     validate_dataset(dataset.subset(stale), settings)
     _write_root_attrs(root, dataset, settings)
+    # Rewritten once every case is current: a run killed in between leaves none, so the
+    # next run writes it again instead of keeping one that misses the new cases.
+    (root / FINGERPRINT_FILE).unlink(missing_ok=True)
     problems = []
     for number, case_id in enumerate(stale, start=1):
         case = dataset.case(case_id)
@@ -361,7 +379,17 @@ def prepare_cache(
     if problems:
         raise CaseValidationError(dataset.root, problems, len(dataset.cases))
     write_fingerprint(root, dataset)
-    return root
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Staging folders of cases (in ``root``) and of arrays added to a case later (in its
+    group, see ``SegmentationDataModule._cached``) that a killed process left behind."""
+    if not root.is_dir():
+        return
+    cases = [path for path in root.iterdir() if path.is_dir() and not path.name.startswith(".")]
+    for folder in [root, *cases]:
+        for leftover in remove_leftovers(folder):
+            log.info("removed %s, left by an interrupted run", leftover)
 
 
 def validate_dataset(dataset: DatasetInfo, settings: Mapping) -> None:

@@ -60,6 +60,7 @@ from medseg.errors import ConfigError
 from medseg.models.resolution import stage_grid
 from medseg.stages import Cascade
 from medseg.utils.config import positive_ints
+from medseg.utils.locks import exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -331,7 +332,9 @@ class SegmentationDataModule(L.LightningDataModule):
             return compute()
         path = self.cache_root / case.case_id / name
         if not (path / "zarr.json").is_file():
-            write_array_atomically(path, compute(), volume=volume)
+            with exclusive_lock(self.cache_root):  # the lock prepare_cache holds
+                if not (path / "zarr.json").is_file():
+                    write_array_atomically(path, compute(), volume=volume)
         array = open_array(path)
         return open_volume(array) if volume else array
 

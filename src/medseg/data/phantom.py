@@ -15,8 +15,8 @@ body), while fat thickness, lesion radii and the vertebral period are in millime
 from __future__ import annotations
 
 import json
+import logging
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,8 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from medseg.errors import DataError
+from medseg.utils.io import hidden_sibling, remove_leftovers
+from medseg.utils.locks import exclusive_lock
 
 __all__ = [
     "FORMAT_VERSION",
@@ -63,6 +65,8 @@ LABEL_NAMES = {"0": "background", "1": "liver", "2": "lesion"}
 TARGETS_FILE = "targets.tsv"
 LESION_CLASSES = ("none", "one", "several")
 _INSTALL_ATTEMPTS = 10
+
+log = logging.getLogger(__name__)
 
 Axes = tuple[np.ndarray, np.ndarray, np.ndarray]
 
@@ -648,7 +652,7 @@ def _install(staging: Path, root: Path, params: dict[str, Any]) -> None:
                     root.rmdir()
                     continue
                 raise _not_a_phantom(root)
-            aside = root.with_name(f".{root.name}.old-{uuid.uuid4().hex}")
+            aside = hidden_sibling(root, "old")
             try:
                 root.rename(aside)
             except FileNotFoundError:
@@ -674,7 +678,9 @@ def write_phantom_dataset(
 
     Returns immediately if ``root`` already holds a phantom made with the same parameters.
     Otherwise the dataset is built in a unique sibling directory and renamed into place, so
-    ``root`` never holds a partial dataset and concurrent callers all end with a valid one.
+    ``root`` never holds a partial dataset. Concurrent callers take turns (see
+    :mod:`medseg.utils.locks`): one generates it, the others wait and find it written; the
+    staging folders of a killed generation are removed by the next one.
     An existing phantom with different parameters is replaced; any other existing content
     (except an empty directory) makes this raise ``DataError``.
     """
@@ -683,19 +689,24 @@ def write_phantom_dataset(
     if num_cases < 1:
         raise ValueError(f"num_cases must be >= 1, got {num_cases}")
     params = _phantom_params(num_cases, seed, shape, spacing, max_lesions)
-    current = _read_phantom_params(root)
-    if current == params:
+    if _read_phantom_params(root) == params:
         return root
-    if current is None and root.exists() and not _is_empty_dir(root):
-        raise _not_a_phantom(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkdtemp: its 0o700 mode would stick to the installed dataset.
-    staging = root.with_name(f".{root.name}.tmp-{uuid.uuid4().hex}")
-    staging.mkdir()
-    try:
-        _write_all(staging, params)
-        _install(staging, root, params)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    with exclusive_lock(root):
+        current = _read_phantom_params(root)  # written by a process we waited for?
+        if current == params:
+            return root
+        if current is None and root.exists() and not _is_empty_dir(root):
+            raise _not_a_phantom(root)
+        for leftover in remove_leftovers(root.parent, root.name):
+            log.info("removed %s, left by an interrupted run", leftover)
+        log.info("generating a %d-case phantom into %s", num_cases, root)
+        # Not tempfile.mkdtemp: its 0o700 mode would stick to the installed dataset.
+        staging = hidden_sibling(root, "tmp")
+        staging.mkdir()
+        try:
+            _write_all(staging, params)
+            _install(staging, root, params)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
     return root

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from medseg.data.prepared import ChannelAxis
 from medseg.data.scan import LabelIndex
 from medseg.data.subjects import case_to_subject, reorient_labels
 from medseg.errors import DataError
+from medseg.utils.io import hidden_sibling
 
 # Chunks of Zarr datasets that convert_to_zarr writes: 64^3 voxels, so a 64^3 patch touches
 # at most 8 and one file per chunk stays few (a 512 x 512 x 300 CT is 320 chunks).
@@ -199,7 +199,7 @@ def write_group_atomically(path: Path, fill: Callable[[zarr.Group], None]) -> No
     """Build a group with ``fill`` in a hidden sibling folder, then rename it to ``path``
     (replacing what was there). On any error nothing is left behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    staging = hidden_sibling(path, "tmp")
     try:
         fill(zarr.open_group(str(staging), mode="w"))
         _replace(staging, path)
@@ -210,7 +210,7 @@ def write_group_atomically(path: Path, fill: Callable[[zarr.Group], None]) -> No
 def write_array_atomically(path: Path, data: np.ndarray, volume: bool = False) -> None:
     """Write one array next to others in a group, atomically; a ``volume`` (read box by
     box) as one raw chunk (see RawChunkVolume)."""
-    staging = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    staging = hidden_sibling(path, "tmp")
     options = raw_volume(data.shape) if volume else {}
     try:
         zarr.create_array(str(staging), data=data, **options)
@@ -231,7 +231,7 @@ def _replace(staging: Path, path: Path) -> None:
     after, so readers see either the old or the new content, never a mix."""
     aside = None
     if path.exists():
-        aside = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
+        aside = hidden_sibling(path, "old")
         try:
             path.rename(aside)
         except FileNotFoundError:  # removed concurrently

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Mapping
@@ -67,3 +69,29 @@ def atomic_save_files(saves: Mapping[Path, Callable[[Path], object]]) -> None:
         for path in placed:
             path.unlink(missing_ok=True)
         raise
+
+
+def hidden_sibling(path: Path, kind: str) -> Path:
+    """A unique hidden sibling of ``path`` for folder writes made atomic by renames:
+    ``.<name>.tmp-<hex>`` (``kind="tmp"``, being built) or ``.<name>.old-<hex>``
+    (``kind="old"``, the previous content set aside until the new one is in place)."""
+    return path.with_name(f".{path.name}.{kind}-{uuid.uuid4().hex}")
+
+
+def remove_leftovers(folder: Path, name: str | None = None) -> list[Path]:
+    """Delete the :func:`hidden_sibling` folders of ``name`` (of every name when None) that a
+    killed writer left in ``folder``, and return them.
+
+    Only call this while holding the lock every writer of ``folder`` holds: a running
+    writer's staging folder looks the same as a dead one's.
+    """
+    stem = "*" if name is None else glob.escape(name)
+    leftovers = [
+        path
+        for kind in ("tmp", "old")
+        for path in sorted(Path(folder).glob(f".{stem}.{kind}-*"))
+        if path.is_dir()
+    ]
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    return leftovers
