@@ -98,9 +98,7 @@ def _exit_interrupted(name: str, output_dir: Path) -> NoReturn:
     left = "every file written so far is complete, none is half-written"
     if last.is_file():
         left += f"; continue with ckpt_path={last}"
-    message = f"interrupted: {name} stopped ({output_dir}); {left}"
-    log.error("%s", message)
-    rich.print(f"[bold red]{rich.markup.escape(message)}[/bold red]")
+    log.error("interrupted: %s stopped (%s); %s", name, output_dir, left)  # console and log file
     sys.exit(130)
 
 
