@@ -51,6 +51,8 @@ LIMITS = (
     "+trainer.limit_val_batches=1",
     "+trainer.limit_test_batches=1",
 )
+# A run continued from such a checkpoint: one more short epoch.
+ONE_MORE_EPOCH = ("trainer.max_epochs=2", *LIMITS[1:])
 
 # Config of each Hydra entry point.
 ENTRY_POINTS = {
@@ -275,6 +277,15 @@ class Workspace:
             shutil.copy2(image, scans / image.name)
         return "scans/"
 
+    def labels_of_predictions(self) -> str:
+        """The phantom's labels of the cases `<predictions>` holds (eval pairs them all)."""
+        predictions = self.succeeded(TRAIN, "<labels>").run / "predictions"
+        labels = self.root / "labels"
+        labels.mkdir(exist_ok=True)
+        for prediction in predictions.glob("*.nii.gz"):
+            shutil.copy2(self.repo / "data" / "phantom" / "labelsTr" / prediction.name, labels)
+        return str(labels)
+
     def relative(self, path: Path) -> str:
         return str(path.relative_to(self.repo))
 
@@ -302,8 +313,8 @@ DEFAULT_FILL: dict[str, Fill] = {
     "<predictions>": lambda ws: (
         ws.relative(ws.succeeded(TRAIN, "<predictions>").run) + "/predictions"
     ),
-    "<labels>": lambda ws: "data/phantom/labelsTr",
-    "<same overrides>": lambda ws: "",  # the run continued had none (LIMITS are added)
+    "<labels>": lambda ws: ws.labels_of_predictions(),
+    "<same overrides>": lambda ws: "",  # the run continued had none (only limits added)
     "logs/train/multiruns/<time>": lambda ws: ws.relative(ws.succeeded(SWEEP, "<time>").sweep),
     "scans/": lambda ws: ws.scans(),
     **{path: (lambda ws, path=path: ws.dataset(path)) for path in EXAMPLE_DATASETS},
@@ -427,7 +438,7 @@ RUNS: dict[str, Run] = {
     "data.preprocess.spacing=[1.5,1.5,1.5]": Run(debug_run, FAST),
     SWEEP: Run(sweep, FAST, ci=True),
     "python src/train.py debug=fast_dev_run": Run(debug_run),
-    CONTINUE: Run(training_run, LIMITS),
+    CONTINUE: Run(training_run, ONE_MORE_EPOCH),
     "python scripts/prepare.py data=msd 'data.root=\"/data/My Scans/Task03 Liver\"'": Run(prepared),
     "python scripts/prepare.py data=msd 'data.root=\"/data/Müller/Leber\"'": Run(prepared),
     'python src/train.py -m data=msd \'data.root="/data/Site A","/data/Site B"\'': Run(sweep, FAST),
@@ -441,7 +452,7 @@ RUNS: dict[str, Run] = {
     "python src/eval.py ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt": Run(evaluation),
     "python src/eval.py ckpt_path=[fold0.ckpt,fold1.ckpt]": Run(evaluation),
     "python src/eval.py pred_dir=<predictions> label_dir=<labels> "
-    'labels="{0: background, 1: liver}"': Run(evaluation),
+    'labels="{0: background, 1: liver, 2: lesion}"': Run(evaluation),
     "python src/predict.py ckpt_path=<ckpt> input=<file or folder> output=<folder>": Run(
         predictions_in("predicted")
     ),
@@ -464,7 +475,7 @@ RUNS: dict[str, Run] = {
         debug_run, FAST
     ),
     "python src/train.py <same overrides> ckpt_path=logs/train/runs/<run>/checkpoints/"
-    "last.ckpt": Run(training_run, LIMITS),
+    "last.ckpt": Run(training_run, ONE_MORE_EPOCH),
     "python src/train.py <same overrides> hydra.run.dir=logs/train/runs/<run> resume=true": Run(
         resumed_in_place, LIMITS
     ),

@@ -194,3 +194,21 @@ def test_wrong_key_or_value_gives_a_clear_error(override, message, tmp_path, pha
     assert result.returncode == 1
     assert message in output
     assert "Traceback" not in output
+
+
+@pytest.mark.parametrize(
+    ("trainer", "expected"),
+    [
+        ({}, 6),
+        ({"fast_dev_run": True}, 1),
+        ({"fast_dev_run": 2}, 2),
+        ({"limit_test_batches": 2}, 2),
+        ({"limit_test_batches": 0.5}, 3),
+        ({"limit_test_batches": 1.0}, 6),
+    ],
+)
+def test_debug_runs_predict_as_many_test_cases_as_test_batches(trainer, expected):
+    """debug=fast_dev_run and debug=limit stay short: the test report covers the first test
+    cases only, one per test batch Lightning would run."""
+    cases = [f"case_{i}" for i in range(6)]
+    assert pipeline._limit_test_cases(cases, OmegaConf.create(trainer)) == cases[:expected]
