@@ -17,6 +17,7 @@ produced, or with tiny datasets written here.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -359,9 +360,9 @@ def resumed_in_place(ws: Workspace, outcome: Outcome) -> None:
 
 
 def sweep(ws: Workspace, outcome: Outcome) -> None:
-    """A multirun folder with one completed job folder per combination and the report."""
-    argv = shlex.split(outcome.command)
-    _, overrides, multirun = hydra_entry(argv)
+    """A multirun folder with one completed job folder per combination, and the report with
+    one row per configuration (the jobs that differ only in `seed`)."""
+    _, overrides, multirun = hydra_entry(shlex.split(outcome.command))
     expected = len(sweep_jobs(overrides, multirun))
     folder = outcome.sweep
     jobs = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
@@ -370,6 +371,9 @@ def sweep(ws: Workspace, outcome: Outcome) -> None:
         test_report(job)
     for name in ("sweep_jobs.csv", "sweep_configs.csv", "sweep_summary.md"):
         assert (folder / name).is_file(), f"{folder} has no {name}"
+    configurations = sweep_jobs([o for o in overrides if not o.startswith("seed=")], multirun)
+    with (folder / "sweep_configs.csv").open() as table:
+        assert len(list(csv.DictReader(table))) == len(configurations)
 
 
 def optuna_study(ws: Workspace, outcome: Outcome) -> None:
@@ -504,7 +508,7 @@ def test_every_readme_command_is_handled():
     assert not stale, f"commands no longer in the README: {stale}"
 
 
-@pytest.mark.parametrize("command", HYDRA_COMMANDS)
+@pytest.mark.parametrize("command", HYDRA_COMMANDS, ids=HYDRA_COMMANDS)
 def test_readme_command_composes(command, workspace, monkeypatch):
     """The config of every job, composed from the copy's configs and resolved in the copy,
     as the command would run it; paths given on the command line arrive unchanged."""
@@ -555,7 +559,7 @@ def run_params() -> list:
         if "brats" in command:
             shared = REPO.parent / "shared" / "data" / "brats2013"
             marks.append(pytest.mark.skipif(not shared.is_dir(), reason=f"{shared} is absent"))
-        params.append(pytest.param(command, marks=marks))
+        params.append(pytest.param(command, marks=marks, id=command))
     return params
 
 
