@@ -12,7 +12,8 @@ produced, or with tiny datasets written here.
 - `test_readme_command_composes` composes and resolves every Hydra command's config
   exactly as typed, one config per job of a sweep (what `--cfg job` shows for one run).
 - `test_readme_command_runs` runs them. Most take a minute or more on a CPU and are marked
-  slow; the README's sweep runs in CI.
+  slow; CI runs the README's sweep cut to two jobs (`test_the_sweep_runs_from_a_fresh_checkout`)
+  and the prepare of a dataset.
 """
 
 from __future__ import annotations
@@ -224,7 +225,7 @@ class Workspace:
             spec = RUNS[command]
             for needed in spec.after:
                 self.succeeded(needed, command)
-            self.outcomes[command] = self._run(self.fill(command, spec.fill), spec.add)
+            self.outcomes[command] = self.run(self.fill(command, spec.fill), spec.add)
         return self.outcomes[command]
 
     def succeeded(self, command: str, needed_by: str) -> Outcome:
@@ -240,7 +241,7 @@ class Workspace:
         assert not re.search(r"<[a-z ]+>", command), f"unfilled placeholder in {command!r}"
         return command
 
-    def _run(self, command: str, add: tuple[str, ...]) -> Outcome:
+    def run(self, command: str, add: tuple[str, ...] = ()) -> Outcome:
         before = self._log_folders()
         line = " ".join([command, *map(shlex.quote, add)])
         result = subprocess.run(
@@ -331,7 +332,7 @@ def completed(run: Path) -> None:
     assert result["status"] == "completed", f"{run}/result.json: {result}"
 
 
-def test_report(run: Path) -> None:
+def assert_test_report(run: Path) -> None:
     """A finished run's test report: predictions, per-case metrics, summary."""
     completed(run)
     for name in ("test_metrics.csv", "test_summary.json"):
@@ -343,20 +344,20 @@ def training_run(ws: Workspace, outcome: Outcome) -> None:
     """A run folder logs/train/runs/<time>/ as the README's table lists it."""
     run = outcome.run
     assert run.parent == ws.repo / "logs" / "train" / "runs"
-    test_report(run)
+    assert_test_report(run)
     for name in ("config.yaml", "train.log", "checkpoints/last.ckpt", "csv/metrics.csv"):
         assert (run / name).is_file(), f"{run} has no {name}"
 
 
 def debug_run(ws: Workspace, outcome: Outcome) -> None:
     assert outcome.run.parent == ws.repo / "logs" / "debug" / "runs"
-    test_report(outcome.run)
+    assert_test_report(outcome.run)
 
 
 def resumed_in_place(ws: Workspace, outcome: Outcome) -> None:
     """`resume=true` with hydra.run.dir: the run folder itself is continued."""
     assert outcome.runs == []
-    test_report(ws.succeeded(TRAIN, "resume").run)
+    assert_test_report(ws.succeeded(TRAIN, "resume").run)
 
 
 def sweep(ws: Workspace, outcome: Outcome) -> None:
@@ -368,7 +369,7 @@ def sweep(ws: Workspace, outcome: Outcome) -> None:
     jobs = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
     assert len(jobs) == expected, f"{folder}: {[p.name for p in jobs]}, expected {expected}"
     for job in jobs:
-        test_report(job)
+        assert_test_report(job)
     for name in ("sweep_jobs.csv", "sweep_configs.csv", "sweep_summary.md"):
         assert (folder / name).is_file(), f"{folder} has no {name}"
     configurations = sweep_jobs([o for o in overrides if not o.startswith("seed=")], multirun)
@@ -440,7 +441,7 @@ RUNS: dict[str, Run] = {
     "python src/train.py experiment=phantom_resse_m": Run(debug_run, FAST),
     "python src/train.py data=msd data.root=/data/Task03_Liver "
     "data.preprocess.spacing=[1.5,1.5,1.5]": Run(debug_run, FAST),
-    SWEEP: Run(sweep, FAST, ci=True),
+    SWEEP: Run(sweep, FAST),
     "python src/train.py debug=fast_dev_run": Run(debug_run),
     CONTINUE: Run(training_run, ONE_MORE_EPOCH),
     "python scripts/prepare.py data=msd 'data.root=\"/data/My Scans/Task03 Liver\"'": Run(prepared),
@@ -561,6 +562,17 @@ def run_params() -> list:
             marks.append(pytest.mark.skipif(not shared.is_dir(), reason=f"{shared} is absent"))
         params.append(pytest.param(command, marks=marks, id=command))
     return params
+
+
+def test_the_sweep_runs_from_a_fresh_checkout(workspace):
+    """The README's sweep cut to its two widths (issue 12's done-means), from the repository
+    root with nothing else set: two job folders and the sweep report. The README's own line,
+    six jobs, runs with the slow tests."""
+    outcome = workspace.run("python src/train.py -m model.width=8,16 debug=fast_dev_run")
+    assert outcome.result.returncode == 0, f"{outcome.command}:\n{outcome.console}"
+    assert "Traceback" not in outcome.console, outcome.console
+    sweep(workspace, outcome)
+    assert len([p for p in outcome.sweep.iterdir() if p.name.isdigit()]) == 2
 
 
 @pytest.mark.parametrize("command", run_params())
