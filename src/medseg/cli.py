@@ -93,7 +93,8 @@ def _exit_interrupted(name: str, output_dir: Path) -> NoReturn:
     """End a Ctrl-C'd command with one line saying what stopped and what is left, and exit
     status 130 (128 + SIGINT, as shells report it). A multirun stops too."""
     if rank_zero_only.rank == 0:
-        write_job_result(output_dir, "failed", error="interrupted (Ctrl-C)")
+        with contextlib.suppress(OSError):  # the line below is what matters now
+            write_job_result(output_dir, "failed", error="interrupted (Ctrl-C)")
     last = output_dir / "checkpoints" / "last.ckpt"
     left = "every file written so far is complete, none is half-written"
     if last.is_file():
