@@ -29,8 +29,7 @@ from medseg.utils.outputs import check_writable_folder
 from .conftest import assert_clean_failure, compose_config, eval_overrides, run_script
 
 LABELS = "labels={0: background, 1: liver, 2: lesion}"
-# the first two voxel axes point the same way: the file opens, and TorchIO's reorientation
-# then fails deep inside nibabel (TypeError), an error no check of ours anticipates
+# the first two voxel axes point the same way: no world grid (refused with a clear line)
 DEGENERATE_SFORM = np.array([[2.5, 0, 0, 0], [2.5, 0, 0, 0], [0, 0, 7.5, 0], [0, 0, 0, 1]])
 
 
@@ -53,6 +52,18 @@ def write_degenerate_copy(source: Path, target: Path | None = None) -> Path:
     return target
 
 
+def write_rgb_copy(source: Path, target: Path | None = None) -> Path:
+    """`source`'s geometry with RGB voxels: the header opens and passes every check, then
+    TorchIO fails to turn the data into a tensor (TypeError), an error no check of ours
+    anticipates. Saved to `target` (default: over `source`)."""
+    target = target or source
+    image = nib.load(source)
+    rgb = np.zeros(image.shape, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    target.unlink(missing_ok=True)  # `target` may be a symlink to the shared phantom
+    nib.Nifti1Image(rgb, image.affine).to_filename(target)
+    return target
+
+
 def save_like(reference: Path, data: np.ndarray, path: Path) -> Path:
     nib.save(nib.Nifti1Image(data, nib.load(reference).affine), path)
     return path
@@ -71,7 +82,8 @@ def test_predict_goes_on_after_a_case_that_raises_deep_inside_a_library(
     inputs.mkdir()
     images = phantom_root / "imagesTr"
     # sorted first: before the fix, its crash ended the run before the good cases
-    bad = write_degenerate_copy(images / "phantom_000.nii.gz", inputs / "a_degenerate.nii.gz")
+    bad = write_rgb_copy(images / "phantom_000.nii.gz", inputs / "a_rgb.nii.gz")
+    singular = write_degenerate_copy(images / "phantom_001.nii.gz", inputs / "b_singular.nii.gz")
     for case_id in ("phantom_000", "phantom_001"):
         (inputs / f"{case_id}.nii.gz").symlink_to(images / f"{case_id}.nii.gz")
     output = tmp_path / "out"
@@ -83,8 +95,9 @@ def test_predict_goes_on_after_a_case_that_raises_deep_inside_a_library(
         f"paths.log_dir={tmp_path / 'logs'}",
         "save_probabilities=true",
     )
-    assert_clean_failure(result, f"{bad}: could not be predicted (TypeError: ")
-    assert_clean_failure(result, "1 of 3 input(s) could not be predicted", str(output))
+    assert_clean_failure(result, f"{bad}: cannot be read as an image (TypeError: ")
+    assert_clean_failure(result, f"{singular}: the voxel-to-world affine is singular")
+    assert_clean_failure(result, "2 of 4 input(s) could not be predicted", str(output))
     assert sorted(p.relative_to(output).as_posix() for p in output.rglob("*.nii.gz")) == [
         "phantom_000.nii.gz",
         "phantom_001.nii.gz",
@@ -212,9 +225,8 @@ def test_eval_of_a_checkpoint_scores_the_good_test_cases_and_lists_the_bad(
     data = Path(shutil.copytree(phantom_root, tmp_path / "phantom"))
     ids = [f"phantom_{n:03d}" for n in range(8)]
     test_ids = sorted(split_cases(ids, test_fraction=0.5, num_folds=2).test)
-    degenerate, truncated, *good = test_ids
-    for folder in ("imagesTr", "labelsTr"):  # opens and passes the checks; prediction fails
-        write_degenerate_copy(data / folder / f"{degenerate}.nii.gz")
+    rgb, truncated, *good = test_ids
+    write_rgb_copy(data / "imagesTr" / f"{rgb}.nii.gz")  # passes the checks; prediction fails
     label = data / "labelsTr" / f"{truncated}.nii.gz"
     label.write_bytes(label.read_bytes()[:200])  # fails the checks before prediction
     overrides = [o for o in eval_overrides(tmp_path, data) if "test_fraction" not in o]
@@ -234,8 +246,8 @@ def test_eval_of_a_checkpoint_scores_the_good_test_cases_and_lists_the_bad(
     lines = str(raised.value).splitlines()[1:]
     assert len(lines) == 2
     assert f"{truncated}: {label}: " in lines[0]
-    image = data / "imagesTr" / f"{degenerate}.nii.gz"
-    assert f"{image}: could not be predicted (TypeError: " in lines[1]
+    image = data / "imagesTr" / f"{rgb}.nii.gz"
+    assert f"{image}: cannot be read as an image (TypeError: " in lines[1]
     assert [r["case_id"] for r in read_csv(output / "test_metrics.csv")] == good
     summary = json.loads((output / "test_summary.json").read_text())
     assert summary["failures"] == [line.removeprefix("  - ") for line in lines]
@@ -245,8 +257,7 @@ def test_eval_of_a_checkpoint_scores_the_good_test_cases_and_lists_the_bad(
 
 def test_prepare_prepares_every_other_case_and_names_the_bad_one(tmp_path, phantom_root):
     data = Path(shutil.copytree(phantom_root, tmp_path / "phantom"))
-    for folder in ("imagesTr", "labelsTr"):
-        write_degenerate_copy(data / folder / "phantom_003.nii.gz")
+    write_rgb_copy(data / "imagesTr" / "phantom_003.nii.gz")
     cache = tmp_path / "cache"
     result = run_script(
         "scripts/prepare.py",
@@ -257,7 +268,7 @@ def test_prepare_prepares_every_other_case_and_names_the_bad_one(tmp_path, phant
         f"paths.log_dir={tmp_path / 'logs'}",
     )
     image = data / "imagesTr" / "phantom_003.nii.gz"
-    assert_clean_failure(result, f"phantom_003: {image}, ", "could not be prepared (TypeError: ")
+    assert_clean_failure(result, f"phantom_003: {image}: cannot be read (TypeError: ")
     (root,) = cache.iterdir()
     expected = [f"phantom_{n:03d}" for n in range(8) if n != 3]
     assert sorted(p.name for p in root.iterdir()) == [*expected, "zarr.json"]

@@ -31,6 +31,23 @@ DEFAULT_MAX_RESAMPLE_GROWTH = 64.0
 MIN_RESAMPLE_VOXELS = 4
 
 
+def check_affine(affine: np.ndarray, source: str) -> np.ndarray:
+    """The voxel -> world affine of `source`, refused when it cannot place voxels in space.
+
+    A NaN in the header, or two voxel axes pointing the same way (a singular matrix), gives
+    no world grid: resampling onto it fails deep inside a library, or predicts nonsense.
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise DataError(f"{source}: the voxel-to-world affine holds NaN or Inf: check the header")
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise DataError(
+            f"{source}: the voxel-to-world affine is singular (voxel axes that do not span "
+            "3D space, or a zero spacing): check the header"
+        )
+    return affine
+
+
 def voxel_spacing(affine: np.ndarray) -> tuple[float, ...]:
     """Voxel size (mm) along each axis of a voxel -> world affine."""
     return tuple(float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))

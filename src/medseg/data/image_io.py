@@ -22,6 +22,7 @@ import torchio as tio
 
 from medseg.data.dicom import check_nonuniform_slices, read_series
 from medseg.data.formats import NIFTI_ENDINGS, format_of, image_ending
+from medseg.data.geometry import check_affine
 from medseg.errors import DataError
 from medseg.utils.io import atomic_save_files
 
@@ -89,15 +90,16 @@ def read_image(
         if is_zarr_array(path):
             return read_zarr_array(path)
         series = read_series(path, options.nonuniform_slices, options.dicom_key)
-        return tio.io.sitk_to_nib(series, keepdim=True)
-    name = format_of(path)
-    if name != "NIfTI":
-        return tio.io.sitk_to_nib(_itk_call(path, name, sitk.ReadImage, str(path)), keepdim=True)
-    image = nib.load(path)
-    data = np.asanyarray(image.dataobj)
-    if data.ndim == 4:  # (x, y, z, C) -> (C, x, y, z)
-        data = np.moveaxis(data, -1, 0)
-    return data, image.affine
+        data, affine = tio.io.sitk_to_nib(series, keepdim=True)
+    elif (name := format_of(path)) != "NIfTI":
+        image = _itk_call(path, name, sitk.ReadImage, str(path))
+        data, affine = tio.io.sitk_to_nib(image, keepdim=True)
+    else:
+        image = nib.load(path)
+        data, affine = np.asanyarray(image.dataobj), image.affine
+        if data.ndim == 4:  # (x, y, z, C) -> (C, x, y, z)
+            data = np.moveaxis(data, -1, 0)
+    return data, check_affine(affine, str(path))
 
 
 def _itk_call(path: Path, name: str, function: Callable, *args):
@@ -148,11 +150,11 @@ def read_header(path: Path, options: ReadOptions = DEFAULT_READING) -> ImageHead
             raise DataError(
                 f"{path}: cannot be opened as an image ({type(error).__name__}: {error})"
             ) from error
-        return ImageHeader(tuple(image.shape), image.affine)
+        return ImageHeader(tuple(image.shape), check_affine(image.affine, str(path)))
     reader = _itk_information(path, name)
     components = reader.GetNumberOfComponents()
     shape = tuple(reader.GetSize()) + ((components,) if components > 1 else ())
-    return ImageHeader(shape, tio.io.get_ras_affine_from_sitk(reader))
+    return ImageHeader(shape, check_affine(tio.io.get_ras_affine_from_sitk(reader), str(path)))
 
 
 def _itk_information(path: Path, name: str) -> sitk.ImageFileReader:

@@ -34,7 +34,7 @@ from zarr.codecs import BytesCodec
 from zarr.storage import LocalStore
 
 from medseg.data.cases import Case, CaseValidationError, DatasetInfo, parse_channels, parse_labels
-from medseg.data.geometry import warn_implausible_spacing
+from medseg.data.geometry import check_affine, warn_implausible_spacing
 from medseg.data.prepared import ChannelAxis
 from medseg.data.scan import LabelIndex
 from medseg.data.subjects import case_to_subject, reorient_labels
@@ -134,12 +134,7 @@ def zarr_case_arrays(case: Case) -> tuple[Any, Any | None, np.ndarray]:
 def case_affine(attrs: Mapping, source: Path) -> np.ndarray:
     """The case's affine from ``affine`` (4x4), else ``spacing`` (diagonal, origin 0)."""
     if "affine" in attrs:
-        affine = np.asarray(attrs["affine"], dtype=np.float64)
-        if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
-            raise DataError(f"{source}: attribute 'affine' must be a 4x4 matrix")
-        if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-            raise DataError(f"{source}: attribute 'affine' is singular")
-        return affine
+        return check_affine(attrs["affine"], f"{source} (attribute 'affine')")
     spacing = attrs.get("spacing")
     if (
         not isinstance(spacing, list | tuple)

@@ -27,8 +27,10 @@ def case_failure(error: Exception, files: str, action: str) -> str:
     """The one line that reports a case whose processing raised `error`, logged as an error.
 
     A MedsegError is reported by its own message (it names the file); any other exception
-    as ``<files>: could not be <action> (<type>: <message>)``, with its traceback in the log
-    file only (DEBUG). Out of memory or disk space raises ResourceError instead: the run stops.
+    as ``<files>: could not be <action> (<type>: <message>)``. When a library raised (any
+    other exception, or one a MedsegError wraps), its traceback goes to the log file only
+    (DEBUG), for a bug report. Out of memory or disk space raises ResourceError instead:
+    the run stops.
     """
     if _is_exhausted(error):
         raise ResourceError(
@@ -39,6 +41,7 @@ def case_failure(error: Exception, files: str, action: str) -> str:
         message = str(error)
     else:
         message = f"{files}: could not be {action} ({_one_line(error)})"
+    if not isinstance(error, MedsegError) or error.__cause__ is not None:
         log.debug("%s", message, exc_info=error)
     log.error("%s", message)
     return message
