@@ -17,7 +17,13 @@ from medseg.data.splits import split_cases
 from medseg.errors import DataError
 from medseg.metrics import METRICS
 
-from .conftest import compose_config, eval_overrides, run_script, tiny_overrides
+from .conftest import (
+    assert_clean_failure,
+    compose_config,
+    eval_overrides,
+    run_script,
+    tiny_overrides,
+)
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -212,3 +218,10 @@ def test_debug_runs_predict_as_many_test_cases_as_test_batches(trainer, expected
     cases only, one per test batch Lightning would run."""
     cases = [f"case_{i}" for i in range(6)]
     assert pipeline._limit_test_cases(cases, OmegaConf.create(trainer)) == cases[:expected]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: trainer=gpu runs")
+def test_trainer_gpu_without_a_gpu_is_one_line_naming_the_key(tmp_path, phantom_root):
+    overrides = [o for o in tiny_overrides(tmp_path, phantom_root) if "accelerator" not in o]
+    result = run_script("train.py", *overrides, "trainer=gpu")
+    assert_clean_failure(result, "error: trainer: ", "No supported gpu backend found!")

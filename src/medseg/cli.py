@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig
 
 from medseg import pipeline
@@ -44,10 +46,22 @@ def _is_user_error(error: BaseException) -> bool:
     if isinstance(error, MedsegError):
         return True
     # Hydra wraps errors raised while building objects from the config: a bad key
-    # (TypeError on unexpected arguments) or a value our constructors reject.
+    # (TypeError on unexpected arguments), a value our constructors reject, or a Lightning
+    # setting this machine cannot run (trainer=gpu without a GPU).
     return isinstance(error, InstantiationException) and isinstance(
-        error.__cause__, MedsegError | TypeError | ValueError | None
+        error.__cause__, MedsegError | TypeError | ValueError | MisconfigurationException | None
     )
+
+
+def user_message(error: BaseException) -> str:
+    """What the user reads: a MedsegError's own message; for a config Hydra could not build,
+    ``<config key>: <the reason>`` on one line (Hydra's own spans three)."""
+    cause = error.__cause__
+    if not isinstance(error, InstantiationException) or cause is None:
+        return str(error)
+    key = re.search(r"full_key: (\S+)", str(error))
+    reason = str(cause) if isinstance(cause, MedsegError) else f"{type(cause).__name__}: {cause}"
+    return f"{key.group(1)}: {reason}" if key else reason
 
 
 def run_task(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> float | None:
@@ -72,8 +86,8 @@ def run_task(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) ->
             with contextlib.suppress(OSError):
                 write_job_result(output_dir, "failed", error=f"{type(error).__name__}: {error}")
         if user_error:
-            log.error("%s", error)
-            print_error(str(error))
+            log.error("%s", user_message(error))
+            print_error(user_message(error))
         if _in_multirun():
             if not user_error:
                 log.exception("job failed")
